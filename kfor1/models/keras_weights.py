@@ -49,7 +49,7 @@ def _read_h5(handle: Any) -> dict[str, np.ndarray]:
     import h5py
 
     with h5py.File(handle, "r") as f:
-        root = f["model_weights"] if "model_weights" in f else f
+        root = f.get("model_weights", f)
         out: dict[str, np.ndarray] = {}
         if "layer_names" in root.attrs:  # Keras 2 / legacy h5 layout.
             for layer in root.attrs["layer_names"]:

@@ -22,7 +22,6 @@ from kfor1.models.keras_weights import HDF5_MAGIC, from_keras_model, read_keras_
 from kfor1.models.registry import (
     TORCHVISION_PREPROCESSING,
     Preprocessing,
-    available_models,
     get_entry,
 )
 from kfor1.models.torch_checkpoint import CheckpointFormatError, read_torch_state_dict

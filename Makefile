@@ -1,0 +1,31 @@
+# Two entry points (see README.md): `make demo` runs the main job, `make test` the test suite.
+# Both create .venv on first use and reinstall when pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is pinned to the CPU build so a fresh machine does not pull a multi-GB CUDA wheel.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,torch]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m launch.demo
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/conv_impl.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

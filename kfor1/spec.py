@@ -1,0 +1,227 @@
+"""Patch specs: which parameters of a pretrained model a task owns (its *patch*).
+
+Every parameter leaf gets a label: ``"shared"`` (one copy, frozen or jointly trained) or a patch
+label (one copy per task). Patch labels are ``"patch"``, or, with ``groups=True``, the name of
+the preset that claimed the leaf (``"scale_bias"``, ``"logits"``...), so each group can get its
+own optimiser and learning rate.
+
+Presets work on any Flax linen model: BatchNorm parameters are found through their matching
+``batch_stats`` entries, depthwise kernels by their ``(kh, kw, 1, C)`` shape, and the head as
+the last Dense layer (the last module with a 2-D kernel; override with ``head=``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax
+import numpy as np
+
+SHARED = "shared"
+PATCH = "patch"
+PRESETS = ("logits", "scale_bias", "depthwise", "bias", "full", "none")
+
+Flat = dict[str, Any]
+
+
+class PatchSpecError(ValueError):
+    """A patch spec that cannot be applied to a model, with what to change."""
+
+
+def flatten(tree: Mapping[str, Any]) -> Flat:
+    """``{"a": {"b": x}}`` -> ``{"a/b": x}``, in the tree's own (creation) order."""
+    return flax.traverse_util.flatten_dict(dict(tree), sep="/")
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    return flax.traverse_util.unflatten_dict(dict(flat), sep="/")
+
+
+def _module(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def _leaf(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
+
+
+def is_patch(label: str) -> bool:
+    return label != SHARED
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchSpec:
+    """Presets joined by '+' (``"scale_bias+logits"``), or ordered ``(regex, label)`` rules.
+
+    Rules are matched with ``re.fullmatch`` against ``a/b/c`` parameter paths; the first rule
+    that matches a leaf labels it; labels are ``"shared"``, ``"patch"`` or ``"patch:<group>"``.
+    """
+
+    presets: tuple[str, ...] = ()
+    rules: tuple[tuple[str, str], ...] = ()
+    head: str | None = None
+
+    @classmethod
+    def parse(cls, spec: Any, head: str | None = None) -> PatchSpec:
+        if isinstance(spec, PatchSpec):
+            return spec if head is None else dataclasses.replace(spec, head=head)
+        if isinstance(spec, str):
+            presets = tuple(p.strip() for p in spec.split("+") if p.strip())
+            unknown = [p for p in presets if p not in PRESETS]
+            if unknown or not presets:
+                raise PatchSpecError(
+                    f"unknown patch preset {unknown[0] if unknown else spec!r}; use one of "
+                    f"{', '.join(PRESETS)}, joined with '+' (e.g. 'scale_bias+logits'), or a "
+                    "list of (regex, label) rules"
+                )
+            return cls(presets=presets, head=head)
+        if isinstance(spec, Sequence) and all(
+            isinstance(r, Sequence) and not isinstance(r, str) and len(r) == 2 for r in spec
+        ):
+            rules = tuple((str(p), str(lab)) for p, lab in spec)
+            for pattern, label in rules:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise PatchSpecError(
+                        f"malformed regex {pattern!r} in patch rules: {e}"
+                    ) from None
+                if label not in (SHARED, PATCH) and not re.fullmatch(r"patch:\w+", label):
+                    raise PatchSpecError(
+                        f"rule ({pattern!r}, {label!r}): the label must be 'shared', 'patch' or "
+                        "'patch:<group>'"
+                    )
+            if not rules:
+                raise PatchSpecError("empty list of patch rules; give at least one (regex, label)")
+            return cls(rules=rules, head=head)
+        raise PatchSpecError(
+            f"a patch spec is a preset string like 'scale_bias+logits' or a list of "
+            f"(regex, label) pairs, got {spec!r}"
+        )
+
+    def describe(self) -> str | list[list[str]]:
+        """JSON-friendly form, stored with exported patches."""
+        return "+".join(self.presets) if self.presets else [list(r) for r in self.rules]
+
+
+def batchnorm_modules(params: Flat, batch_stats: Flat | None) -> set[str]:
+    """Module paths of BatchNorm layers: those with ``batch_stats`` (or, without statistics,
+    modules whose only parameters are 1-D ``scale`` and ``bias``)."""
+    if batch_stats is not None:
+        return {_module(p) for p in batch_stats}
+    by_module: dict[str, dict[str, Any]] = {}
+    for path, value in params.items():
+        by_module.setdefault(_module(path), {})[_leaf(path)] = value
+    return {
+        m for m, leaves in by_module.items()
+        if set(leaves) == {"scale", "bias"} and all(np.ndim(v) == 1 for v in leaves.values())
+    }
+
+
+def head_module(params: Flat, head: str | None = None) -> str:
+    """The classifier: ``head`` if given, else the last module with a 2-D ``kernel``."""
+    if head is not None:
+        head = head.strip("/")
+        if not any(_module(p) == head for p in params):
+            dense = [_module(p) for p in params if _leaf(p) == "kernel" and np.ndim(params[p]) == 2]
+            raise PatchSpecError(
+                f"head {head!r} is not a module of this model; Dense layers are: {dense}"
+            )
+        return head
+    dense = [_module(p) for p in params if _leaf(p) == "kernel" and np.ndim(params[p]) == 2]
+    if not dense:
+        raise PatchSpecError(
+            "the model has no Dense layer (2-D 'kernel'), so the 'logits' preset has no head; "
+            "pass head='<module path>' or use rules"
+        )
+    return dense[-1]
+
+
+def _preset_selectors(
+    presets: Sequence[str], params: Flat, batch_stats: Flat | None, head: str | None
+) -> dict[str, Callable[[str], bool]]:
+    bn = batchnorm_modules(params, batch_stats)
+    classifier = head_module(params, head) if "logits" in presets else None
+    selectors: dict[str, Callable[[str], bool]] = {
+        "scale_bias": lambda p: _module(p) in bn and _leaf(p) in ("scale", "bias"),
+        "depthwise": lambda p: (
+            np.ndim(params[p]) == 4
+            and np.shape(params[p])[2] == 1
+            and np.shape(params[p])[0] * np.shape(params[p])[1] > 1
+        ),
+        "bias": lambda p: _leaf(p) == "bias",
+        "full": lambda p: True,
+        "none": lambda p: False,
+        "logits": lambda p: _module(p) == classifier,
+    }
+    return selectors
+
+
+def partition(
+    params: Mapping[str, Any],
+    spec: Any,
+    *,
+    batch_stats: Mapping[str, Any] | None = None,
+    head: str | None = None,
+    groups: bool = False,
+) -> dict[str, Any]:
+    """Labels every parameter leaf ``"shared"`` or as patch; returns a tree like ``params``.
+
+    ``params`` may be the full variables dict (``{"params": ..., "batch_stats": ...}``), from
+    which BatchNorm layers are recognised. With ``groups=True`` patch leaves are labelled by
+    the preset (or ``patch:<group>`` rule) that claimed them, for per-group learning rates.
+    """
+    if "params" in params and isinstance(params["params"], Mapping):
+        batch_stats = params.get("batch_stats", batch_stats)
+        params = params["params"]
+    spec = PatchSpec.parse(spec, head)
+    flat = flatten(params)
+    stats = flatten(batch_stats) if batch_stats is not None else None
+    labels: dict[str, str] = {}
+    if spec.presets:
+        selectors = _preset_selectors(spec.presets, flat, stats, spec.head)
+        for path in flat:
+            label = SHARED
+            for preset in spec.presets:
+                if preset != "none" and selectors[preset](path):
+                    label = preset if groups else PATCH
+                    break
+            labels[path] = label
+    else:
+        used = [False] * len(spec.rules)
+        uncovered = []
+        for path in flat:
+            for i, (pattern, label) in enumerate(spec.rules):
+                if re.fullmatch(pattern, path):
+                    used[i] = True
+                    if label.startswith("patch:"):
+                        label = label.split(":", 1)[1] if groups else PATCH
+                    labels[path] = label
+                    break
+            else:
+                uncovered.append(path)
+        if uncovered:
+            raise PatchSpecError(
+                f"{len(uncovered)} parameters match no rule, e.g. {uncovered[:3]}; add a "
+                "catch-all rule such as ('.*', 'shared') at the end"
+            )
+        unused = [spec.rules[i][0] for i, u in enumerate(used) if not u]
+        if unused:
+            raise PatchSpecError(
+                f"patch rule {unused[0]!r} matches no parameter (or only ones an earlier rule "
+                "took); paths look like 'blocks_3/depthwise/bn/scale'"
+            )
+    return unflatten(labels)
+
+
+def stats_labels(batch_stats: Mapping[str, Any], labels: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-task BatchNorm statistics: a BN layer's statistics belong to the patch exactly when
+    its scale or bias does (the scale-and-bias patch owns its moving statistics)."""
+    flat_labels = flatten(labels)
+    patched = {_module(p) for p, label in flat_labels.items() if is_patch(label)}
+    return unflatten({
+        p: (PATCH if _module(p) in patched else SHARED) for p in flatten(batch_stats)
+    })

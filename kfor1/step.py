@@ -1,0 +1,281 @@
+"""One compiled step that trains K task patches at once.
+
+Each task's forward pass runs with its own patch and BatchNorm statistics (``vmap`` over the
+task axis); the shared parameters enter every task unbatched. Gradients are taken only with
+respect to trainable leaves, so frozen weights never get a gradient computed. Tasks with
+different input resolutions are grouped: each group is vmapped, and all groups run inside the
+same compiled step. Single-task transfer learning is simply K = 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kfor1.multitask import Layout, MultiTaskState
+from kfor1.spec import flatten, unflatten
+
+Batch = Mapping[str, jax.Array]
+# Padded classes get this logit: exp() underflows to exactly 0 in float32.
+MASKED_LOGIT = -1e9
+
+
+def resolution_groups(layout: Layout, groups: Sequence[Sequence[int]] | None = None):
+    """Task indices per resolution group: given, else by the tasks' ``resolution``."""
+    k = layout.num_tasks
+    if groups is None:
+        order: dict[Any, list[int]] = {}
+        for i, task in enumerate(layout.tasks):
+            order.setdefault(task.resolution, []).append(i)
+        return tuple(tuple(g) for g in order.values())
+    groups = tuple(tuple(int(i) for i in g) for g in groups)
+    for g in groups:
+        if not g:
+            raise ValueError(
+                "a resolution group has no tasks; remove it or give it task indices"
+            )
+    flat = sorted(i for g in groups for i in g)
+    if flat != list(range(k)):
+        raise ValueError(
+            f"resolution groups {groups} must cover each of the {k} task indices exactly once"
+        )
+    return groups
+
+
+def _group_batches(batch: Any, groups: tuple[tuple[int, ...], ...]) -> tuple[Batch, ...]:
+    batches = (batch,) if isinstance(batch, Mapping) else tuple(batch)
+    if len(batches) != len(groups):
+        raise ValueError(
+            f"got {len(batches)} batches for {len(groups)} resolution groups {groups}; pass "
+            "one {'images', 'labels'} dict per group, in group order"
+        )
+    for g, b in zip(groups, batches):
+        if "images" not in b:
+            raise ValueError(f"a batch needs 'images' (K, B, H, W, C), got keys {list(b)}")
+        images = b["images"]
+        if images.ndim != 5 or images.shape[0] != len(g):
+            raise ValueError(
+                f"images of shape {images.shape} for a group of {len(g)} tasks; expected "
+                f"(K={len(g)}, B, H, W, C): K of the batch must equal K of the state"
+            )
+        if "labels" in b and b["labels"].shape != images.shape[:2]:
+            raise ValueError(
+                f"labels of shape {b['labels'].shape} do not match images {images.shape}; "
+                "expected (K, B)"
+            )
+    return batches
+
+
+class _Split:
+    """The state's flat parameters and statistics, split into patch (stacked) and shared."""
+
+    def __init__(self, state: MultiTaskState):
+        layout = state.layout
+        patch, patch_stats = layout.patch_paths(), layout.patch_stat_paths()
+        params, stats = flatten(state.params), flatten(state.batch_stats)
+        self.patch = {p: v for p, v in params.items() if p in patch}
+        self.shared = {p: v for p, v in params.items() if p not in patch}
+        self.patch_stats = {p: v for p, v in stats.items() if p in patch_stats}
+        self.shared_stats = {p: v for p, v in stats.items() if p not in patch_stats}
+        self.has_stats = bool(stats)
+
+
+def _take(tree: dict[str, jax.Array], idx: tuple[int, ...], k: int) -> dict[str, jax.Array]:
+    if idx == tuple(range(k)):
+        return tree
+    index = np.asarray(idx)
+    return {p: v[index] for p, v in tree.items()}
+
+
+def _place(full: jax.Array, part: jax.Array, idx: tuple[int, ...], k: int) -> jax.Array:
+    if idx == tuple(range(k)):
+        return part
+    return full.at[np.asarray(idx)].set(part)
+
+
+def _forward(model: nn.Module, train_kwarg: str, split: _Split, train: bool, update_stats: bool):
+    """A single task's forward pass: f(patch_k, stats_k, shared, shared_stats, x, key)."""
+
+    def forward(patch, patch_stats, shared, shared_stats, images, key):
+        variables = {"params": unflatten({**shared, **patch})}
+        if split.has_stats:
+            variables["batch_stats"] = unflatten({**shared_stats, **patch_stats})
+        kwargs = {train_kwarg: train}
+        if train:
+            kwargs["rngs"] = {"dropout": key}
+        if update_stats:
+            logits, updates = model.apply(variables, images, mutable=["batch_stats"], **kwargs)
+            new_stats = flatten(updates["batch_stats"])
+        else:
+            logits, new_stats = model.apply(variables, images, **kwargs), {}
+        return logits.astype(jnp.float32), new_stats
+
+    return forward
+
+
+def make_train_step(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    *,
+    train_shared: bool = False,
+    groups: Sequence[Sequence[int]] | None = None,
+    train_kwarg: str = "train",
+    max_traces: int | None = None,
+    donate: bool = True,
+) -> Callable[[MultiTaskState, Any, jax.Array], tuple[MultiTaskState, dict[str, jax.Array]]]:
+    """Returns ``step(state, batch, rng) -> (state, metrics)``, jitted.
+
+    ``batch`` is ``{"images": (K, B, H, W, C), "labels": (K, B)}``, or a sequence of such dicts,
+    one per resolution group. ``metrics`` holds per-task ``loss`` and ``accuracy`` of shape (K,).
+    ``model`` is a Flax module whose classifier has ``max(num_classes)`` outputs and whose
+    ``__call__`` takes ``train_kwarg`` (True: BN uses batch statistics, dropout on).
+
+    BatchNorm runs in training mode, updating statistics, when the patch owns BN statistics or
+    the shared backbone is trained (``train_shared=True``, with ``patch_optimizer(...,
+    shared_tx=...)``); otherwise the network runs in inference mode with its frozen statistics.
+    """
+
+    def step(state: MultiTaskState, batch: Any, rng: jax.Array):
+        layout = state.layout
+        k = layout.num_tasks
+        task_groups = resolution_groups(layout, groups)
+        batches = _group_batches(batch, task_groups)
+        split = _Split(state)
+        bn_train = bool(split.patch_stats) or (train_shared and split.has_stats)
+        class_mask = jnp.asarray(layout.class_mask())
+        keys = jax.random.split(rng, k)
+        forward = _forward(model, train_kwarg, split, bn_train, bn_train)
+        frozen = {} if train_shared else split.shared
+
+        def total_loss(patch, shared_trainable):
+            shared = {**frozen, **shared_trainable}
+            losses = jnp.zeros((k,))
+            accuracy = jnp.zeros((k,))
+            patch_stats = dict(split.patch_stats)
+            shared_stats_per_task = []
+            total = 0.0
+            for idx, b in zip(task_groups, batches):
+                index = np.asarray(idx)
+
+                def task_loss(p, ps, x, y, mask, key):
+                    logits, new_stats = forward(p, ps, shared, split.shared_stats, x, key)
+                    logits = jnp.where(mask, logits, MASKED_LOGIT)
+                    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+                    acc = jnp.mean(jnp.argmax(logits, -1) == y)
+                    return loss, acc, new_stats
+
+                loss, acc, new_stats = jax.vmap(task_loss)(
+                    _take(patch, idx, k), _take(split.patch_stats, idx, k),
+                    b["images"], b["labels"], class_mask[index], keys[index],
+                )
+                total = total + loss.sum()
+                losses = _place(losses, loss, idx, k)
+                accuracy = _place(accuracy, acc, idx, k)
+                for p in patch_stats:
+                    patch_stats[p] = _place(patch_stats[p], new_stats[p], idx, k)
+                shared_stats_per_task.append(
+                    {p: v for p, v in new_stats.items() if p in split.shared_stats}
+                )
+            return total, (losses, accuracy, patch_stats, shared_stats_per_task)
+
+        shared_trainable = split.shared if train_shared else {}
+        (_, (losses, accuracy, patch_stats, shared_stats_per_task)), (g_patch, g_shared) = (
+            jax.value_and_grad(total_loss, argnums=(0, 1), has_aux=True)(
+                split.patch, shared_trainable
+            )
+        )
+        # Frozen leaves get zeros only to fit the multi_transform's tree; set_to_zero drops them.
+        grads = {p: jnp.zeros_like(v) for p, v in frozen.items()} | g_patch | g_shared
+        updates, opt_state = optimizer.update(unflatten(grads), state.opt_state, state.params)
+        updates = flatten(updates)
+        trainable = set(g_patch) | set(g_shared)
+        params = {
+            p: (v + updates[p].astype(v.dtype) if p in trainable else v)
+            for p, v in flatten(state.params).items()
+        }
+        shared_stats = split.shared_stats
+        if train_shared and shared_stats:
+            # The shared statistics follow the average of what every task's batch says.
+            shared_stats = {
+                p: jnp.concatenate([s[p] for s in shared_stats_per_task]).mean(0)
+                for p in shared_stats
+            }
+        new_state = state.replace(
+            step=state.step + 1,
+            params=unflatten(params),
+            batch_stats=unflatten({**shared_stats, **patch_stats}),
+            opt_state=opt_state,
+        )
+        return new_state, {"loss": losses, "accuracy": accuracy}
+
+    if max_traces is not None:
+        step = chex.assert_max_traces(step, n=max_traces)
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(
+    model: nn.Module,
+    *,
+    groups: Sequence[Sequence[int]] | None = None,
+    train_kwarg: str = "train",
+) -> Callable[[MultiTaskState, Any], dict[str, jax.Array]]:
+    """Returns ``eval_step(state, batch) -> metrics`` with per-task sums of shape (K,):
+    ``loss_sum``, ``correct`` and ``count``. An optional ``mask`` (K, B) in the batch marks real
+    examples, so the last, padded batch of an epoch counts correctly."""
+
+    def step(state: MultiTaskState, batch: Any) -> dict[str, jax.Array]:
+        layout = state.layout
+        k = layout.num_tasks
+        task_groups = resolution_groups(layout, groups)
+        batches = _group_batches(batch, task_groups)
+        split = _Split(state)
+        forward = _forward(model, train_kwarg, split, False, False)
+        class_mask = jnp.asarray(layout.class_mask())
+        out = {name: jnp.zeros((k,)) for name in ("loss_sum", "correct", "count")}
+        for idx, b in zip(task_groups, batches):
+            index = np.asarray(idx)
+            weights = b.get("mask", jnp.ones(b["labels"].shape, bool)).astype(jnp.float32)
+
+            def task_metrics(p, ps, x, y, w, mask):
+                logits, _ = forward(p, ps, split.shared, split.shared_stats, x, None)
+                logits = jnp.where(mask, logits, MASKED_LOGIT)
+                loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+                correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+                return (loss * w).sum(), (correct * w).sum(), w.sum()
+
+            loss, correct, count = jax.vmap(task_metrics)(
+                _take(split.patch, idx, k), _take(split.patch_stats, idx, k),
+                b["images"], b["labels"], weights, class_mask[index],
+            )
+            for name, value in zip(("loss_sum", "correct", "count"), (loss, correct, count)):
+                out[name] = _place(out[name], value, idx, k)
+        return out
+
+    return jax.jit(step)
+
+
+def make_predict_fn(
+    model: nn.Module, *, train_kwarg: str = "train"
+) -> Callable[[MultiTaskState, jax.Array], jax.Array]:
+    """Returns ``predict(state, images (K, B, H, W, C)) -> probabilities (K, B, max_classes)``,
+    with padded classes at exactly 0."""
+
+    def predict(state: MultiTaskState, images: jax.Array) -> jax.Array:
+        split = _Split(state)
+        forward = _forward(model, train_kwarg, split, False, False)
+        mask = jnp.asarray(state.layout.class_mask())
+
+        def one(p, ps, x, m):
+            logits, _ = forward(p, ps, split.shared, split.shared_stats, x, None)
+            return jax.nn.softmax(jnp.where(m, logits, MASKED_LOGIT), axis=-1)
+
+        return jax.vmap(one)(split.patch, split.patch_stats, images, mask)
+
+    return jax.jit(predict)

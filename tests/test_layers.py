@@ -1,0 +1,142 @@
+"""The CPU convolution paths compute exactly what XLA's convolutions compute."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from kfor1 import layers
+
+CASES = [
+    # (height, width, channels, kernel, stride, padding)
+    (9, 9, 8, 3, 1, "SAME"),
+    (9, 9, 8, 3, 2, "SAME"),
+    (10, 7, 6, 5, 1, "SAME"),
+    (10, 7, 6, 5, 2, "SAME"),
+    (8, 8, 4, 3, 2, "SAME"),
+    (11, 13, 5, 5, 2, "SAME"),
+    (9, 8, 4, 3, 2, 1),
+    (11, 7, 4, 5, 1, 2),
+    (10, 9, 4, 5, 2, "VALID"),
+]
+
+
+def _reference_depthwise(x, kernel, stride, padding):
+    pads = layers.resolve_padding(padding, x.shape[1:3], kernel.shape[:2], (stride, stride))
+    return lax.conv_general_dilated(
+        x, kernel, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1], precision=lax.Precision.HIGHEST,
+    )
+
+
+@pytest.mark.parametrize("h,w,c,k,s,padding", CASES)
+def test_fast_cpu_depthwise_equals_grouped_convolution(h, w, c, k, s, padding):
+    kx, kk, kg = jax.random.split(jax.random.key(h * w + k + s), 3)
+    x = jax.random.normal(kx, (2, h, w, c))
+    kernel = jax.random.normal(kk, (k, k, 1, c))
+
+    def fast(x, kernel):
+        return layers.depthwise_conv(x, kernel, s, padding, impl="fast_cpu")
+
+    def ref(x, kernel):
+        return _reference_depthwise(x, kernel, s, padding)
+
+    out, expected = fast(x, kernel), ref(x, kernel)
+    chex.assert_equal_shape([out, expected])
+    chex.assert_trees_all_close(out, expected, atol=1e-5, rtol=1e-5)
+
+    cotangent = jax.random.normal(kg, expected.shape)
+    grads = jax.vjp(fast, x, kernel)[1](cotangent)
+    expected_grads = jax.vjp(ref, x, kernel)[1](cotangent)
+    chex.assert_trees_all_close(grads, expected_grads, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [(8, 8), (9, 7)])
+def test_fast_cpu_pointwise_equals_convolution(stride, size):
+    kx, kk, kg = jax.random.split(jax.random.key(stride), 3)
+    x = jax.random.normal(kx, (3, *size, 16))
+    kernel = jax.random.normal(kk, (1, 1, 16, 24))
+
+    def fast(x, kernel):
+        return layers.conv(x, kernel, stride, "SAME", impl="fast_cpu")
+
+    def ref(x, kernel):
+        return lax.conv_general_dilated(
+            x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=lax.Precision.HIGHEST,
+        )
+
+    chex.assert_trees_all_close(fast(x, kernel), ref(x, kernel), atol=1e-4, rtol=1e-5)
+    cotangent = jax.random.normal(kg, ref(x, kernel).shape)
+    chex.assert_trees_all_close(
+        jax.vjp(fast, x, kernel)[1](cotangent), jax.vjp(ref, x, kernel)[1](cotangent),
+        atol=1e-4, rtol=1e-5,
+    )
+
+
+def test_tensorflow_same_padding_is_asymmetric_for_even_inputs_at_stride_2():
+    assert layers.resolve_padding("SAME", (8, 8), (3, 3), (2, 2)) == ((0, 1), (0, 1))
+    assert layers.resolve_padding("SAME", (9, 9), (3, 3), (2, 2)) == ((1, 1), (1, 1))
+    assert layers.resolve_padding("SAME", (8, 9), (5, 5), (1, 1)) == ((2, 2), (2, 2))
+    assert layers.resolve_padding(2, (8, 8), (5, 5), (1, 1)) == ((2, 2), (2, 2))
+    assert layers.resolve_padding("VALID", (8, 8), (3, 3), (2, 2)) == ((0, 0), (0, 0))
+
+
+@pytest.mark.parametrize("impl", ["xla", "fast_cpu"])
+def test_modules_match_flax_conv_parameters_and_outputs(impl):
+    """Same parameter layout as flax.linen.Conv, so its variables can be swapped in."""
+    x = jax.random.normal(jax.random.key(0), (2, 10, 10, 8))
+    ours = layers.DepthwiseConv(3, 2, "SAME", use_bias=True, impl=impl)
+    theirs = nn.Conv(8, (3, 3), 2, "SAME", feature_group_count=8)
+    variables = theirs.init(jax.random.key(1), x)
+    chex.assert_trees_all_equal_shapes(ours.init(jax.random.key(1), x), variables)
+    chex.assert_trees_all_close(
+        ours.apply(variables, x), theirs.apply(variables, x), atol=1e-5, rtol=1e-5
+    )
+
+    ours = layers.Conv(12, 1, 1, use_bias=True, impl=impl)
+    theirs = nn.Conv(12, (1, 1))
+    variables = theirs.init(jax.random.key(2), x)
+    chex.assert_trees_all_equal_shapes(ours.init(jax.random.key(2), x), variables)
+    chex.assert_trees_all_close(
+        ours.apply(variables, x), theirs.apply(variables, x), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    x = jnp.ones((1, 8, 8, 4))
+    module = layers.DepthwiseConv(3, impl="fast_cpu", dtype=jnp.bfloat16)
+    variables = module.init(jax.random.key(0), x)
+    assert variables["params"]["kernel"].dtype == jnp.float32
+    assert module.apply(variables, x).dtype == jnp.bfloat16
+
+
+def test_auto_picks_fast_path_on_cpu_and_xla_elsewhere(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert layers.resolve_impl("auto") == "fast_cpu"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert layers.resolve_impl("auto") == "xla"
+    assert layers.resolve_impl("fast_cpu") == "fast_cpu"
+
+
+def test_bad_arguments_name_the_fix():
+    with pytest.raises(ValueError, match="choose one of"):
+        layers.resolve_impl("cudnn")
+    with pytest.raises(ValueError, match="padding must be"):
+        layers.resolve_padding("FULL", (8, 8), (3, 3), (1, 1))
+    with pytest.raises(ValueError, match=r"\(kh, kw, 1, C\)"):
+        layers.depthwise_conv(jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 1, 5)))
+    with pytest.raises(ValueError, match="input channels"):
+        layers.conv(jnp.ones((1, 8, 8, 4)), jnp.ones((1, 1, 3, 5)))
+
+
+def test_numpy_inputs_are_accepted():
+    x = np.ones((1, 5, 5, 2), np.float32)
+    k = np.ones((3, 3, 1, 2), np.float32)
+    out = layers.depthwise_conv(x, k, 1, "SAME", impl="fast_cpu")
+    assert out[0, 2, 2, 0] == pytest.approx(9.0)
+    assert out[0, 0, 0, 0] == pytest.approx(4.0)
