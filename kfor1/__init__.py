@@ -1,13 +1,54 @@
 """kfor1: K for the price of 1 — parameter-efficient transfer and multi-task learning in JAX.
 
+A *model patch* is the small set of parameters a task owns on top of one shared pretrained
+network: BatchNorm scales and biases (with the task's own BN statistics), depthwise kernels, or
+the classifier. Transfer learning trains one patch; multi-task learning trains K patches in one
+compiled step.
+
 Public API:
-- ``kfor1.models``: pretrained backbones (EfficientNet-Lite, MobileNetV2) and weight import;
-- ``kfor1.layers``: backend-chosen depthwise and 1x1 convolutions.
+- models: ``create``, ``load_pretrained``, ``Pretrained`` (and ``kfor1.models``);
+- patches: ``PatchSpec``, ``partition``, ``report``, ``patch_optimizer``;
+- multi-task training: ``Task``, ``init_multitask``, ``task_variables``, ``make_train_step``,
+  ``make_eval_step``, ``make_predict_fn``;
+- devices: ``make_mesh``, ``shard_state``, ``shard_batch``;
+- layers: ``kfor1.layers`` (backend-chosen depthwise and 1x1 convolutions).
 """
 
 from kfor1 import layers, models
 from kfor1.models import Pretrained, create, load_pretrained
+from kfor1.multitask import Layout, MultiTaskState, Task, init_multitask, task_variables
+from kfor1.optim import patch_optimizer
+from kfor1.report import PatchReport, report
+from kfor1.sharding import make_mesh, shard_batch, shard_state
+from kfor1.spec import PRESETS, PatchSpec, PatchSpecError, partition, stats_labels
+from kfor1.step import make_eval_step, make_predict_fn, make_train_step
 
 __version__ = "0.1.0"
 
-__all__ = ["Pretrained", "create", "layers", "load_pretrained", "models", "__version__"]
+__all__ = [
+    "PRESETS",
+    "Layout",
+    "MultiTaskState",
+    "PatchReport",
+    "PatchSpec",
+    "PatchSpecError",
+    "Pretrained",
+    "Task",
+    "__version__",
+    "create",
+    "init_multitask",
+    "layers",
+    "load_pretrained",
+    "make_eval_step",
+    "make_mesh",
+    "make_predict_fn",
+    "make_train_step",
+    "models",
+    "partition",
+    "patch_optimizer",
+    "report",
+    "shard_batch",
+    "shard_state",
+    "stats_labels",
+    "task_variables",
+]
