@@ -140,7 +140,8 @@ def init_multitask(
     new_params = {}
     for path, value in params.items():
         if not is_patch(flat_labels[path]):
-            new_params[path] = jnp.asarray(value)
+            # A copy: the train step donates the state, which must not delete the caller's arrays.
+            new_params[path] = jnp.array(value)
         elif path in (kernel_path, bias_path):
             new_params[path] = jnp.stack([task_head(path, n) for n in num_classes])
         else:
@@ -148,7 +149,7 @@ def init_multitask(
     flat_stat_labels = flatten(stats_labels(unflatten(stats), labels)) if stats else {}
     new_stats = {
         path: (jnp.broadcast_to(jnp.asarray(v), (k, *np.shape(v)))
-               if is_patch(flat_stat_labels[path]) else jnp.asarray(v))
+               if is_patch(flat_stat_labels[path]) else jnp.array(v))
         for path, v in stats.items()
     }
     layout = Layout(
@@ -170,6 +171,9 @@ def init_multitask(
         state = shard_state(state, mesh)
     if optimizer is not None:
         state = state.replace(opt_state=jax.jit(optimizer.init)(state.params))
+        if mesh is not None:
+            # jit leaves fresh zeros (the moments) on one device: place them like their params.
+            state = shard_state(state, mesh, optimizer)
     return state
 
 

@@ -76,9 +76,17 @@ def shard_state(
     if opt_state is not None:
         if optimizer is None:
             raise ValueError("shard_state needs the optimizer to place an existing opt_state")
+
+        def place(value: Any, sharding: NamedSharding) -> Any:
+            # Masked transforms (multi_transform) hold a MaskedNode where a leaf is not theirs.
+            if isinstance(value, optax.MaskedNode):
+                return value
+            return jax.device_put(value, sharding)
+
         opt_state = optax.tree_utils.tree_map_params(
-            optimizer, jax.device_put, opt_state, p_shard,
+            optimizer, place, opt_state, p_shard,
             transform_non_params=lambda v: jax.device_put(v, _replicated(mesh)),
+            is_leaf=lambda v: isinstance(v, optax.MaskedNode),
         )
     return state.replace(
         step=jax.device_put(state.step, _replicated(mesh)),

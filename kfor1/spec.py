@@ -89,10 +89,13 @@ class PatchSpec:
                     raise PatchSpecError(
                         f"malformed regex {pattern!r} in patch rules: {e}"
                     ) from None
-                if label not in (SHARED, PATCH) and not re.fullmatch(r"patch:\w+", label):
+                # 'patch:shared' would become the group 'shared', i.e. frozen, with groups=True.
+                if label == f"{PATCH}:{SHARED}" or (
+                    label not in (SHARED, PATCH) and not re.fullmatch(r"patch:\w+", label)
+                ):
                     raise PatchSpecError(
                         f"rule ({pattern!r}, {label!r}): the label must be 'shared', 'patch' or "
-                        "'patch:<group>'"
+                        "'patch:<group>' (a group other than 'shared')"
                     )
             if not rules:
                 raise PatchSpecError("empty list of patch rules; give at least one (regex, label)")

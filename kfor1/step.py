@@ -9,6 +9,7 @@ same compiled step. Single-task transfer learning is simply K = 1.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from kfor1.multitask import Layout, MultiTaskState
 from kfor1.spec import flatten, unflatten
 
 Batch = Mapping[str, jax.Array]
+_STEP_IDS = itertools.count()
 # Padded classes get this logit: exp() underflows to exactly 0 in float32.
 MASKED_LOGIT = -1e9
 
@@ -216,6 +218,9 @@ def make_train_step(
         return new_state, {"loss": losses, "accuracy": accuracy}
 
     if max_traces is not None:
+        # chex counts traces per (call stack, source, name): a unique name gives each train step
+        # its own budget, else steps built at one call site would share (and exhaust) it.
+        step.__name__ = f"train_step_{next(_STEP_IDS)}"
         step = chex.assert_max_traces(step, n=max_traces)
     return jax.jit(step, donate_argnums=(0,) if donate else ())
 

@@ -46,7 +46,9 @@ def block_specs(width: float, depth: float) -> tuple[BlockSpec, ...]:
     for stage, (repeats, kernel, stride, expand, cin, cout) in enumerate(STAGES):
         if 0 < stage < len(STAGES) - 1:
             repeats = int(math.ceil(depth * repeats))
-        cin, cout = round_filters(cin, width), round_filters(cout, width)
+        # The first stage's input is the fixed, unscaled 32-channel stem.
+        cin = cin if stage == 0 else round_filters(cin, width)
+        cout = round_filters(cout, width)
         for r in range(repeats):
             blocks.append(BlockSpec(cin if r == 0 else cout, cout, expand, kernel,
                                     stride if r == 0 else 1))

@@ -31,6 +31,11 @@ class Preprocessing:
         """Maps uint8 (or 0..255 float) NHWC images to the model's input range, as float32."""
         xp = np if isinstance(images, np.ndarray) else _jnp()
         images = xp.asarray(images, dtype=xp.float32)
+        if images.shape[-1:] != (3,):
+            raise ValueError(
+                f"expected NHWC images (channels last, 3 channels), got shape {images.shape}; "
+                "transpose NCHW arrays with x.transpose(0, 2, 3, 1)"
+            )
         return (images - xp.asarray(self.mean, xp.float32)) / xp.asarray(self.std, xp.float32)
 
     def to_dict(self) -> dict[str, Any]:

@@ -60,8 +60,13 @@ _TORCH_DTYPES: dict[str, np.dtype] = {
     "complex64": np.dtype(np.complex64),
     "complex128": np.dtype(np.complex128),
 }
-for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
-              "float8_e8m0fnu"):
+for _name in (
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
+):
     if hasattr(ml_dtypes, _name):
         _TORCH_DTYPES[_name] = np.dtype(getattr(ml_dtypes, _name))
 
@@ -191,8 +196,9 @@ def _rebuild_tensor_v3(
     return _apply_metadata(tensor, metadata)
 
 
-def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None,
-                       state: Any = None) -> _LazyTensor:
+def _rebuild_parameter(
+    data: Any, requires_grad: Any = False, backward_hooks: Any = None, state: Any = None
+) -> _LazyTensor:
     if not isinstance(data, _LazyTensor):
         raise TypeError(f"parameter rebuilt from {type(data).__name__}, not a tensor")
     return data
@@ -274,11 +280,19 @@ def _refusal(path: str, module: str, name: str) -> CheckpointFormatError:
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only allow-listed globals and torch storage references."""
 
-    def __init__(self, file: IO[bytes], path: str,
-                 storages: dict[str, _Storage] | None = None) -> None:
+    def __init__(
+        self, file: IO[bytes], path: str, storages: dict[str, _Storage] | None = None
+    ) -> None:
         super().__init__(file)
         self._path = path
         self._storages = storages
+
+    def load(self) -> Any:
+        try:
+            return super().load()
+        except MemoryError:
+            # A corrupt length field makes pickle try to allocate absurd amounts.
+            raise pickle.UnpicklingError("implausibly large object") from None
 
     def find_class(self, module: str, name: str) -> Any:
         module = _PY2_MODULES.get(module, module)
@@ -306,9 +320,20 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if view_metadata is None:
             return storage
         _view_key, offset, view_numel = view_metadata
-        if not isinstance(offset, int) or not isinstance(view_numel, int):
+        if (
+            not (isinstance(offset, int) and isinstance(view_numel, int))
+            or min(offset, view_numel) < 0
+        ):
             raise pickle.UnpicklingError(f"bad storage view {view_metadata!r:.80}")
         return _StorageView(storage, offset, view_numel)
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, _LazyTensor):
+        return "a single tensor"
+    if isinstance(obj, _Storage | _StorageView | _StorageType):
+        return "a bare storage"
+    return f"a {type(obj).__name__}"
 
 
 def _select_state_dict(obj: Any, path: str) -> dict[str, _LazyTensor]:
@@ -316,7 +341,7 @@ def _select_state_dict(obj: Any, path: str) -> dict[str, _LazyTensor]:
     while True:
         if not isinstance(obj, dict):
             raise CheckpointFormatError(
-                f"{path} holds a {type(obj).__name__}, not a state dict (a dict of named "
+                f"{path} holds {_describe(obj)}, not a state dict (a dict of named "
                 "tensors); save one with torch.save(model.state_dict(), path)"
             )
         if any(isinstance(v, _LazyTensor) for v in obj.values()):
@@ -332,7 +357,7 @@ def _select_state_dict(obj: Any, path: str) -> dict[str, _LazyTensor]:
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, _LazyTensor)}
     if tensors and all(k.startswith(_DATA_PARALLEL_PREFIX) for k in tensors):
         # Saved from a DataParallel/DistributedDataParallel wrapper.
-        tensors = {k[len(_DATA_PARALLEL_PREFIX):]: v for k, v in tensors.items()}
+        tensors = {k[len(_DATA_PARALLEL_PREFIX) :]: v for k, v in tensors.items()}
     return tensors
 
 
@@ -351,7 +376,7 @@ def _materialize(tensor: _LazyTensor, little_endian: bool) -> np.ndarray:
         root = storage.root
         assert root.data is not None
         start = storage.offset * root.dtype.itemsize
-        raw = root.data[start:start + storage.numel * root.dtype.itemsize]
+        raw = root.data[start : start + storage.numel * root.dtype.itemsize]
     else:
         assert storage.data is not None
         raw = storage.data
@@ -371,7 +396,7 @@ def _materialize(tensor: _LazyTensor, little_endian: bool) -> np.ndarray:
             f"a tensor needs element {last} of a storage holding only {flat.size} elements"
         )
     view = np.lib.stride_tricks.as_strided(
-        flat[tensor.offset:],
+        flat[tensor.offset :],
         shape=tensor.size,
         strides=tuple(s * itemsize for s in tensor.stride),
         writeable=False,
@@ -456,6 +481,8 @@ _CORRUPTION_ERRORS = (
     struct.error,
     zipfile.BadZipFile,
     zipfile.LargeZipFile,
+    NotImplementedError,  # zipfile: unknown compression method
+    RuntimeError,  # zipfile: entry claims to be encrypted
     zlib.error,
     OSError,
     ValueError,

@@ -1,0 +1,14 @@
+"""The paper's CIFAR-100 transfer experiment (ImageNet base, one patch).
+
+    python -m launch.train --workdir runs/cifar100 \
+        --config configs/paper_cifar100.py:patch=scale_bias+logits
+
+Needs the data prepared for tensorflow-datasets (or the folder) and an accelerator for the full
+schedule. Arguments: patch, model, weights, num_steps, batch_size, resolution.
+"""
+
+from kfor1.config import paper_transfer
+
+
+def get_config(arg=None):
+    return paper_transfer("tfds:cifar100", "cifar100", 30000, arg)

@@ -1,0 +1,14 @@
+"""The paper's Places365 transfer experiment (ImageNet base, one patch).
+
+    python -m launch.train --workdir runs/places365 \
+        --config configs/paper_places365.py:patch=scale_bias+logits
+
+Needs the data prepared for tensorflow-datasets (or the folder) and an accelerator for the full
+schedule. Arguments: patch, model, weights, num_steps, batch_size, resolution.
+"""
+
+from kfor1.config import paper_transfer
+
+
+def get_config(arg=None):
+    return paper_transfer("tfds:places365_small:train:validation", "places365", 100000, arg)

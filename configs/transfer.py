@@ -1,0 +1,19 @@
+"""Transfer learning: one dataset, one patch, one model.
+
+    python -m launch.train --config configs/transfer.py:dataset=digits,patch=scale_bias+logits \
+        --workdir runs/digits --config.num_steps=300
+
+Arguments: dataset (digits | folder:PATH | tfds:NAME), patch, model, resolution, num_steps,
+batch_size, weights.
+"""
+
+from kfor1.config import apply_overrides, base_config, parse_arg, task
+
+ALLOWED = {"dataset", "patch", "model", "resolution", "num_steps", "batch_size", "weights"}
+
+
+def get_config(arg=None):
+    args = parse_arg(arg)
+    config = base_config()
+    config.tasks = [task(args.get("dataset", "digits"), resolution=int(args.get("resolution", 0)))]
+    return apply_overrides(config, args, ALLOWED)

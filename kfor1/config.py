@@ -1,0 +1,124 @@
+"""Training configuration: ml_collections defaults shared by every file in ``configs/``.
+
+A config file defines ``get_config(arg)``; ``arg`` is the text after the colon in
+``--config configs/transfer.py:dataset=digits,patch=logits`` and is parsed by ``parse_arg``.
+The config is locked, so a mistyped key is an error rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+# Learning rates per patch group, chosen on CIFAR-10 (see docs/optimizer_defaults.md): BatchNorm
+# scale/bias wants a larger rate than the classifier.
+DEFAULT_LEARNING_RATES = {
+    "scale_bias": 1e-2,
+    "logits": 3e-3,
+    "depthwise": 3e-3,
+    "bias": 1e-2,
+    "full": 3e-4,
+    "patch": 3e-3,
+    "shared": 3e-4,
+}
+
+
+def task(dataset: str, name: str = "", resolution: int = 0) -> ml_collections.ConfigDict:
+    """One task: a data source (``digits``, ``folder:PATH``, ``tfds:NAME``)."""
+    return ml_collections.ConfigDict({
+        "name": name or dataset.split(":")[-1].rstrip("/").split("/")[-1],
+        "dataset": dataset,
+        "resolution": resolution,  # 0: the model's default resolution.
+    })
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "efficientnet_lite0"
+    c.weights = ""  # '' = the pip-packaged ImageNet checkpoint.
+    c.patch = "scale_bias+logits"
+    c.head = ""  # '' = the last Dense layer.
+    c.train_shared = False  # True: the backbone is trained jointly on the sum of task losses.
+    c.tasks = [task("digits")]
+    c.data_dir = ""  # tensorflow-datasets data_dir ('' = its default).
+
+    c.batch_size = 32  # Per task and step.
+    c.num_steps = 1000
+    c.optimizer = "adamw"  # adamw | adam | sgd
+    c.momentum = 0.9  # sgd only.
+    c.weight_decay = 0.0
+    c.schedule = "cosine"  # cosine | constant | onecycle
+    c.warmup_steps = 50
+    c.learning_rate = ml_collections.ConfigDict(DEFAULT_LEARNING_RATES)
+    c.label_smoothing = 0.0
+
+    c.augment = ml_collections.ConfigDict({
+        "crop": "random_resized", "flip": True, "min_scale": 0.25, "pad_fraction": 0.125,
+    })
+    c.dropout_rate = -1.0  # < 0: the model's own default.
+    # BatchNorm moving-average momentum for kfor1's models (< 0: the model's default, 0.99 for
+    # EfficientNet-Lite). 0.9 lets a task's own statistics settle within a short fine-tuning run.
+    c.bn_momentum = 0.9
+    c.conv_impl = "auto"
+    c.dtype = "float32"  # float32 | bfloat16 (computation; parameters stay float32).
+
+    c.seed = 0
+    c.log_every = 25
+    c.eval_every = 0  # 0: only at the end.
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 3
+    c.eval_batch_size = 100
+    c.max_eval_examples = 0  # 0: the whole test split.
+    c.progress = True
+
+    c.mesh = ml_collections.ConfigDict({"tasks": 1, "data": 0})  # data 0: remaining devices.
+    c.distributed = False  # True: jax.distributed.initialize() (multi-host).
+    return c
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """``"dataset=digits,patch=logits"`` -> ``{"dataset": "digits", "patch": "logits"}``."""
+    out: dict[str, str] = {}
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"config argument {item!r} must look like key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def apply_overrides(
+    config: ml_collections.ConfigDict, overrides: dict[str, Any], allowed: set[str]
+) -> ml_collections.ConfigDict:
+    """Sets ``model``, ``patch``... from a config argument; unknown keys are errors."""
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown config argument(s) {unknown}; this config takes {sorted(allowed)}"
+        )
+    for key, value in overrides.items():
+        if key in ("dataset", "datasets", "resolution", "resolutions"):
+            continue
+        current = config[key]
+        config[key] = type(current)(value) if not isinstance(current, bool) else (
+            value.lower() in ("1", "true", "yes")
+        )
+    return config
+
+
+PAPER_ARGS = {"patch", "model", "weights", "num_steps", "batch_size", "resolution"}
+
+
+def paper_transfer(dataset: str, name: str, num_steps: int, arg: str | None):
+    """A transfer experiment of the paper: full schedule, sized for an accelerator host."""
+    args = parse_arg(arg)
+    config = base_config()
+    config.tasks = [task(dataset, name=name, resolution=int(args.get("resolution", 0)))]
+    config.num_steps = num_steps
+    config.batch_size = 128
+    config.warmup_steps = 500
+    config.log_every = 100
+    config.checkpoint_every = 2000
+    config.eval_every = 5000
+    return apply_overrides(config, args, PAPER_ARGS)

@@ -1,0 +1,55 @@
+"""Turns stored images into uint8 RGB pixels, in one place for every source and pipeline.
+
+Sources can hand out examples undecoded (file paths, encoded bytes) so that shuffling and the
+resume ``skip`` in the input pipeline move small strings rather than pixels; decoding then
+happens here, as late as possible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from kfor1.data._tf import tf
+from kfor1.data.errors import DataError
+
+__all__ = ["decode_example", "decode_image"]
+
+
+def decode_image(image: tf.Tensor) -> tf.Tensor:
+    """``uint8`` (H, W, 3) from encoded bytes (JPEG, PNG, BMP, GIF) or uint8 pixels.
+
+    Grayscale becomes RGB by repeating the channel; an alpha channel is dropped.
+    """
+    if image.dtype == tf.string:
+        pixels = tf.io.decode_image(image, channels=3, expand_animations=False, dtype=tf.uint8)
+        pixels.set_shape([None, None, 3])
+        return pixels
+    if image.dtype != tf.uint8:
+        raise DataError(f"images must be uint8 pixels or encoded bytes, got {image.dtype.name}")
+    if image.shape.rank != 3:
+        raise DataError(f"images must have shape (height, width, channels), got {image.shape}")
+    channels = image.shape[-1]
+    if channels == 3:
+        return image
+    if channels == 1:
+        return tf.image.grayscale_to_rgb(image)
+    if channels is not None and channels > 3:
+        return image[..., :3]
+    pixels = tf.cond(
+        tf.shape(image)[-1] == 1, lambda: tf.image.grayscale_to_rgb(image), lambda: image[..., :3]
+    )
+    pixels.set_shape([None, None, 3])
+    return pixels
+
+
+def decode_example(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    """``{"image": uint8 (H, W, 3), "label": int64}`` from any form a source yields.
+
+    Accepts ``{"path", "label"}`` (an image file to read), ``{"image": bytes, "label"}`` or
+    ``{"image": uint8 pixels, "label"}``.
+    """
+    if "path" in example:
+        image = decode_image(tf.io.read_file(example["path"]))
+    else:
+        image = decode_image(example["image"])
+    return {"image": image, "label": tf.cast(example["label"], tf.int64)}

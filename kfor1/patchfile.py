@@ -1,0 +1,158 @@
+"""Patch files: one small directory per task that turns the shared base into that task's model.
+
+``patches/<task>/patch.msgpack`` holds the patch parameters, the task's BatchNorm statistics and
+its head; ``patch.json`` holds what is needed to use it: class names, preprocessing, the spec,
+the base model's name, a format version, and a fingerprint of the base weights it was trained
+on, so that applying it to a different base is refused instead of silently wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any
+
+import flax.serialization
+import numpy as np
+
+from kfor1.multitask import MultiTaskState, task_variables
+from kfor1.spec import flatten, unflatten
+
+FORMAT = "kfor1-patch"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "patch.msgpack"
+META_FILE = "patch.json"
+
+
+class PatchFileError(ValueError):
+    """A patch file that is unreadable or does not fit the base it is applied to."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    """A loaded patch: its variables (only the patched leaves) and its metadata."""
+
+    variables: dict[str, Any]
+    meta: dict[str, Any]
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.meta["class_names"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+
+def fingerprint(variables: dict[str, Any], exclude: set[str] = frozenset()) -> str:
+    """SHA-256 over every leaf (path, dtype, shape, bytes) not in ``exclude``."""
+    digest = hashlib.sha256()
+    for path, value in sorted(flatten(variables).items()):
+        if path in exclude:
+            continue
+        value = np.ascontiguousarray(np.asarray(value))
+        digest.update(f"{path}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _patch_leaves(state: MultiTaskState) -> set[str]:
+    layout = state.layout
+    return {f"params/{p}" for p in layout.patch_paths()} | {
+        f"batch_stats/{p}" for p in layout.patch_stat_paths()
+    }
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def export_patch(
+    state: MultiTaskState, task: int | str, directory: str | os.PathLike, meta: dict[str, Any]
+) -> str:
+    """Writes task ``task``'s patch to ``directory``; ``meta`` adds (at least) ``class_names``,
+    ``preprocessing``, ``spec`` and ``base`` (``{"model": name, ...}``). Returns the directory.
+
+    Both files are written atomically, so an interrupted export never leaves a broken patch.
+    """
+    full = task_variables(state, task)
+    keep = _patch_leaves(state)
+    patch = unflatten({p: np.asarray(v) for p, v in flatten(full).items() if p in keep})
+    index = task if isinstance(task, int) else [t.name for t in state.layout.tasks].index(task)
+    info = state.layout.tasks[index]
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "task": info.name,
+        "num_classes": info.num_classes,
+        "resolution": info.resolution,
+        "patch_parameters": int(sum(np.size(v) for v in flatten(patch).values())),
+        **meta,
+    }
+    meta["base"] = {**meta.get("base", {}), "fingerprint": fingerprint(full, exclude=keep)}
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    _atomic_write(os.path.join(directory, WEIGHTS_FILE), flax.serialization.msgpack_serialize(
+        patch))
+    _atomic_write(os.path.join(directory, META_FILE), json.dumps(meta, indent=2).encode())
+    return directory
+
+
+def load_patch(directory: str | os.PathLike) -> Patch:
+    directory = os.fspath(directory)
+    meta_path = os.path.join(directory, META_FILE)
+    weights_path = os.path.join(directory, WEIGHTS_FILE)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no such patch directory: {directory}")
+    for path in (meta_path, weights_path):
+        if not os.path.exists(path):
+            raise PatchFileError(f"{directory} is not a kfor1 patch: {os.path.basename(path)} "
+                                 "is missing; export one with `kfor1 export --workdir DIR`")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        with open(weights_path, "rb") as f:
+            variables = flax.serialization.msgpack_restore(f.read())
+    except (ValueError, OSError) as e:
+        raise PatchFileError(f"patch {directory} is corrupt ({e}); re-export it") from None
+    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+        raise PatchFileError(
+            f"{directory} has format {meta.get('format')!r} v{meta.get('format_version')}; "
+            f"this kfor1 reads {FORMAT!r} up to v{FORMAT_VERSION} — upgrade kfor1"
+        )
+    return Patch(variables, meta)
+
+
+def apply_patch(base_variables: dict[str, Any], patch: Patch) -> dict[str, Any]:
+    """The task's full variables: the base with the patch's leaves swapped in.
+
+    Refuses a base whose weights differ from the one the patch was trained on.
+    """
+    base = flatten(base_variables)
+    leaves = flatten(patch.variables)
+    unknown = sorted(set(leaves) - set(base))
+    if unknown:
+        raise PatchFileError(
+            f"the patch has parameters the base model lacks, e.g. {unknown[:3]}; it was made for "
+            f"{patch.meta.get('base', {}).get('model')!r}"
+        )
+    expected = patch.meta.get("base", {}).get("fingerprint")
+    actual = fingerprint(base_variables, exclude=set(leaves))
+    if expected != actual:
+        raise PatchFileError(
+            f"this patch was trained on a different base model (fingerprint {str(expected)[:12]}"
+            f"…, these weights are {actual[:12]}…); apply it to "
+            f"{patch.meta.get('base', {}).get('model')!r} with the weights it was trained on"
+        )
+    for path, value in leaves.items():
+        if np.shape(value) != np.shape(base[path]) and not path.startswith("params/"):
+            raise PatchFileError(f"patch leaf {path} has shape {np.shape(value)}, the base "
+                                 f"{np.shape(base[path])}")
+    return unflatten({**base, **leaves})

@@ -1,0 +1,1 @@
+"""Entry points runnable as ``python -m launch.<name>`` from a source checkout."""
