@@ -49,7 +49,14 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _as_tree(template))
-        tree = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            tree = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except ValueError as e:
+            raise ValueError(
+                f"the checkpoint at step {step} in {self.directory} does not fit this run's "
+                "model, patch, tasks or optimizer (the config changed?); train in a new "
+                f"--workdir or restore the original config ({str(e).splitlines()[0]})"
+            ) from None
         return template.replace(**tree)
 
     def wait(self) -> None:

@@ -144,6 +144,13 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     labels = partition(base.variables, spec, groups=True)
     optimizer, schedules = build_optimizer(config, labels)
     mesh = make_mesh(config.mesh.tasks, config.mesh.data or None)
+    shards = mesh.shape["data"]
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % shards:
+            raise ValueError(
+                f"config.{key}={config[key]} does not split over the mesh's {shards}-way 'data' "
+                f"axis; use a multiple of {shards} or set --config.mesh.data to a divisor"
+            )
     return Setup(config, base, base.model, labels, report(base.variables, labels), optimizer,
                  schedules, tuple(tasks), mesh)
 
@@ -320,7 +327,7 @@ def train(
             batch = _group([next(it) for it in iterators], groups, s.mesh)
             state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
             images += config.batch_size * len(s.tasks)
-            if step % config.log_every == 0 or step == end:
+            if step % config.log_every == 0 or step == config.num_steps:
                 metrics = jax.device_get(metrics)
                 _check_finite(step, metrics, s, ckpt)
                 elapsed = time.perf_counter() - clock

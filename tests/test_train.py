@@ -50,7 +50,7 @@ def _config(folder: Path, **overrides):
     c.warmup_steps = 2
     c.log_every = 2
     c.checkpoint_every = 2
-    c.eval_batch_size = 50
+    c.eval_batch_size = 48
     c.max_eval_examples = 100
     c.progress = False
     c.augment.crop = "pad"
@@ -139,11 +139,11 @@ def test_a_patch_is_refused_on_a_different_base(folder, uninterrupted):
 
 
 def test_nan_loss_stops_with_advice_and_keeps_the_last_checkpoint(folder, tmp_path):
-    config = _config(folder, num_steps=6)
+    config = _config(folder, num_steps=6, optimizer="sgd")
     config.tasks = [task("digits", resolution=32)]
     trainer.train(config, str(tmp_path), stop_at_step=2)
-    config.learning_rate.scale_bias = 1e12
-    config.learning_rate.logits = 1e12
+    config.learning_rate.scale_bias = 1e30  # SGD diverges to inf, then NaN.
+    config.learning_rate.logits = 1e30
     with pytest.raises(trainer.TrainingError, match=r"NaN.*learning_rate.*step 2\) is kept"):
         trainer.train(config, str(tmp_path))
     assert Checkpointer(tmp_path / "checkpoints").latest_step() == 2
@@ -161,6 +161,15 @@ def test_nan_loss_stops_with_advice_and_keeps_the_last_checkpoint(folder, tmp_pa
 def test_bad_config_values_name_the_fix(folder, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         trainer.train(_config(folder, **overrides), str(tmp_path))
+
+
+def test_resuming_with_an_incompatible_config_says_so(folder, tmp_path):
+    config = _config(folder, num_steps=4)
+    config.tasks = [task("digits", resolution=32)]
+    trainer.train(config, str(tmp_path), stop_at_step=2)
+    config.optimizer = "sgd"
+    with pytest.raises(ValueError, match="new --workdir"):
+        trainer.train(config, str(tmp_path))
 
 
 def test_missing_dataset_folder_names_the_expected_layout(tmp_path):
