@@ -156,3 +156,27 @@ def apply_patch(base_variables: dict[str, Any], patch: Patch) -> dict[str, Any]:
             raise PatchFileError(f"patch leaf {path} has shape {np.shape(value)}, the base "
                                  f"{np.shape(base[path])}")
     return unflatten({**base, **leaves})
+
+
+def load_patched(directory: str | os.PathLike, weights: str | None = None) -> Any:
+    """The task model a patch describes, ready for inference (a ``kfor1.models.Pretrained``).
+
+    The base is loaded as the patch records it (``weights`` overrides the file); a base whose
+    weights differ from the patch's is refused.
+    """
+    import warnings
+
+    from kfor1.models import Preprocessing, Pretrained, load_pretrained
+
+    patch = load_patch(directory)
+    base_meta = patch.meta.get("base", {})
+    path = weights or (None if base_meta.get("weights") in (None, "", "packaged")
+                       else base_meta["weights"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # The base's head is replaced by the patch's.
+        base = load_pretrained(base_meta["model"], path=path)
+    variables = apply_patch(base.variables, patch)
+    preprocessing = Preprocessing.from_dict(patch.meta["preprocessing"])
+    model = base.model.clone(num_classes=patch.num_classes)
+    return Pretrained(f"{base_meta['model']}+{patch.meta['task']}", model, variables,
+                      preprocessing, patch.class_names, os.fspath(directory))

@@ -33,6 +33,7 @@ import optax
 
 from kfor1 import data as kdata
 from kfor1.checkpoint import Checkpointer
+from kfor1.commands import save_config
 from kfor1.models import Pretrained, load_pretrained
 from kfor1.multitask import MultiTaskState, Task, init_multitask, task_variables
 from kfor1.optim import label_set, patch_optimizer
@@ -301,6 +302,7 @@ def train(
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     s = setup(config)
+    save_config(config, workdir)
     state = init_state(s)
     # Sized for the tasks: their heads, not the 1000-class ImageNet head.
     print(report(task_variables(state, 0), state.layout.labels))

@@ -232,3 +232,43 @@ def test_every_config_file_builds(tmp_path):
         config = module.get_config(None)
         assert config.tasks and config.num_steps > 0, path.name
         trainer.build_optimizer(config, {"a": "scale_bias", "b": "logits", "c": "shared"})
+
+
+def test_cli_eval_export_and_predict_with_a_patch(uninterrupted, tmp_path, capsys):
+    from kfor1.cli import main
+
+    workdir, summary = uninterrupted
+    assert main(["eval", "--workdir", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    for name, t in summary["tasks"].items():
+        assert name in out and f"{100 * t['accuracy']:.2f}%" in out
+
+    assert main(["export", "--workdir", str(workdir), "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.count("patches") == 2
+    for name in ("digits", "colours"):
+        a = load_patch(workdir / "patches" / name)
+        b = load_patch(tmp_path / "patches" / name)
+        jax.tree.map(np.testing.assert_array_equal, a.variables, b.variables)
+        assert a.meta == b.meta
+
+    image = tmp_path / "red.png"
+    Image.fromarray(np.full((40, 40, 3), (200, 30, 30), np.uint8)).save(image)
+    assert main(["predict", "--patch", str(workdir / "patches" / "colours"), "--top-k", "3",
+                 str(image)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == str(image)
+    assert sorted(line.split()[-1] for line in lines[1:]) == ["blue", "green", "red"]
+
+    assert main(["eval", "--workdir", str(tmp_path / "nothing")]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_cli_params_reports_patch_sizes(capsys):
+    from kfor1.cli import main
+
+    assert main(["params", "--model", "efficientnet_lite0", "--patch", "scale_bias",
+                 "--num-classes", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "42,016" in out and "K tasks cost" in out
+    assert main(["params", "--patch", "scale_bais"]) == 2
+    assert "unknown patch preset" in capsys.readouterr().err
