@@ -93,7 +93,11 @@ def export_patch(
         "task": info.name,
         "num_classes": info.num_classes,
         "resolution": info.resolution,
-        "patch_parameters": int(sum(np.size(v) for v in flatten(patch).values())),
+        # Trainable patch parameters, and the task's BatchNorm statistics that come with them.
+        "patch_parameters": int(sum(np.size(v) for v in flatten(patch.get("params", {})).values())),
+        "patch_statistics": int(
+            sum(np.size(v) for v in flatten(patch.get("batch_stats", {})).values())
+        ),
         **meta,
     }
     meta["base"] = {**meta.get("base", {}), "fingerprint": fingerprint(full, exclude=keep)}

@@ -6,6 +6,7 @@ Workdir layout::
     events.out.tfevents.*  the same scalars for TensorBoard
     checkpoints/<step>/    orbax checkpoints (resumed automatically, a bounded number kept)
     patches/<task>/        one patch file per task (see kfor1.patchfile)
+    config.json            the run's config (``kfor1 eval/export`` rebuild the run from it)
     summary.json           per task: eval accuracy, patch parameters, patch bytes; totals
 
 Runs resume from the latest checkpoint: the data stream, the per-step random keys and the
@@ -66,7 +67,6 @@ class Setup:
     base: Pretrained
     model: Any
     labels: dict[str, Any]
-    report: PatchReport
     optimizer: optax.GradientTransformation
     schedules: dict[str, optax.Schedule]
     tasks: tuple[TaskData, ...]
@@ -152,8 +152,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
                 f"config.{key}={config[key]} does not split over the mesh's {shards}-way 'data' "
                 f"axis; use a multiple of {shards} or set --config.mesh.data to a divisor"
             )
-    return Setup(config, base, base.model, labels, report(base.variables, labels), optimizer,
-                 schedules, tuple(tasks), mesh)
+    return Setup(config, base, base.model, labels, optimizer, schedules, tuple(tasks), mesh)
 
 
 def init_state(s: Setup) -> MultiTaskState:
@@ -305,7 +304,8 @@ def train(
     save_config(config, workdir)
     state = init_state(s)
     # Sized for the tasks: their heads, not the 1000-class ImageNet head.
-    print(report(task_variables(state, 0), state.layout.labels))
+    task_report = report(task_variables(state, 0), state.layout.labels)
+    print(task_report)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     start = 0
     if ckpt.latest_step() is not None:
@@ -360,7 +360,7 @@ def train(
     _log_eval(metrics_log, end, results)
     metrics_log.close()
     patches = export_patches(s, state, workdir)
-    summary = _summary(s, results, patches)
+    summary = _summary(s, task_report, results, patches)
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -370,33 +370,35 @@ def _log_eval(metrics_log: MetricsLog, step: int, results: dict[str, dict[str, f
     metrics_log.write(step, {f"eval/accuracy/{n}": r["accuracy"] for n, r in results.items()})
 
 
-def _summary(s: Setup, results, patches: dict[str, str]) -> dict[str, Any]:
+def _summary(s: Setup, task_report: PatchReport, results, patches: dict[str, str]):
     tasks = {}
     for t in s.tasks:
         path = patches[t.task.name]
         with open(os.path.join(path, "patch.json"), encoding="utf-8") as f:
-            parameters = json.load(f)["patch_parameters"]
+            meta = json.load(f)
         tasks[t.task.name] = {
             **results[t.task.name], "num_classes": t.task.num_classes,
-            "patch_parameters": parameters, "patch_file_bytes": _dir_bytes(path),
-            "patch_dir": path,
+            "patch_parameters": meta["patch_parameters"],
+            "patch_statistics": meta["patch_statistics"],
+            "patch_file_bytes": _dir_bytes(path), "patch_dir": path,
         }
     return {
         "model": s.config.model,
         "patch": PatchSpec.parse(s.config.patch).describe(),
         "tasks": tasks,
         "totals": {
-            "base_parameters": s.report.total_parameters,
+            # Of the first task's model (its head, not ImageNet's).
+            "base_parameters": task_report.total_parameters,
             "patch_parameters": sum(t["patch_parameters"] for t in tasks.values()),
             "patch_file_bytes": sum(t["patch_file_bytes"] for t in tasks.values()),
-            "patch_fraction": s.report.patch_fraction,
+            "patch_fraction": task_report.patch_fraction,
             "mean_accuracy": float(np.mean([t["accuracy"] for t in tasks.values()])),
         },
     }
 
 
 def _progress(config: ml_collections.ConfigDict, start: int, end: int):
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # Plain text: tqdm.auto needs ipywidgets in notebooks.
 
     return tqdm(
         total=end, initial=start, desc="train", unit="step", dynamic_ncols=True,

@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             task["patch_dir"],
         ))
     header = ("patch", "trainable params", "% of model", "patch file", "accuracy", "written to")
+    # The patch file also holds the task's BatchNorm statistics (scale_bias patches).
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print()
     for i, row in enumerate([header, *rows]):

