@@ -12,6 +12,7 @@ model can be trained on one backend and served on another.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -103,24 +104,77 @@ def depthwise_conv(
             x, kernel, strides, pads,
             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels,
         )
-    # A sum of kh*kw shifted, strided slices, each scaled per channel: elementwise work that
-    # XLA:CPU vectorises well, and whose transpose (for gradients) is pads and adds.
-    x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    out_h = (x.shape[1] - kh) // strides[0] + 1
-    out_w = (x.shape[2] - kw) // strides[1] + 1
+    return _shifted_depthwise(x, kernel, strides, pads)
+
+
+def _shifted_sum(xp: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
+    """VALID depthwise correlation of padded ``xp``: a sum of kh*kw shifted, strided slices
+    scaled per channel — elementwise work that XLA:CPU vectorises well."""
+    kh, kw = kernel.shape[:2]
+    out_h = (xp.shape[1] - kh) // strides[0] + 1
+    out_w = (xp.shape[2] - kw) // strides[1] + 1
     out = None
     for i in range(kh):
         for j in range(kw):
             window = lax.slice(
-                x,
+                xp,
                 (0, i, j, 0),
-                (x.shape[0], i + (out_h - 1) * strides[0] + 1, j + (out_w - 1) * strides[1] + 1,
-                 channels),
+                (xp.shape[0], i + (out_h - 1) * strides[0] + 1,
+                 j + (out_w - 1) * strides[1] + 1, xp.shape[3]),
                 (1, strides[0], strides[1], 1),
             )
             term = window * kernel[i, j, 0]
             out = term if out is None else out + term
     return out
+
+
+def _pad_nhwc(x: jax.Array, pads: PadPairs) -> jax.Array:
+    return jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _shifted_depthwise(x, kernel, strides: tuple[int, int], pads: PadPairs):
+    return _shifted_sum(_pad_nhwc(x, pads), kernel, strides)
+
+
+def _shifted_depthwise_fwd(x, kernel, strides, pads):
+    return _shifted_depthwise(x, kernel, strides, pads), (x, kernel)
+
+
+def _shifted_depthwise_bwd(strides, pads, residuals, dy):
+    # Autodiff of the forward would scatter dy through kh*kw interior-padded copies, which XLA
+    # fuses into one loop that recomputes dy's producers kh*kw times (~3x the forward's cost).
+    # The input gradient is itself a depthwise correlation: dilate dy by the stride once, pad
+    # it, and gather with the flipped kernel, as in the forward.
+    x, kernel = residuals
+    kh, kw = kernel.shape[:2]
+    lattice = []
+    for axis, (size, k, s, (lo, _)) in enumerate(
+        zip(x.shape[1:3], (kh, kw), strides, pads), start=1
+    ):
+        span = (dy.shape[axis] - 1) * s + 1  # Length of dy dilated by the stride.
+        low = k - 1 - lo
+        lattice.append((low, size + k - 1 - low - span, s - 1))
+    dy_lattice = lax.pad(dy, jnp.zeros((), dy.dtype), [(0, 0, 0), *lattice, (0, 0, 0)])
+    dx = _shifted_sum(dy_lattice, kernel[::-1, ::-1], (1, 1))
+    # Kernel gradient: one reduction per tap, of the input window times dy.
+    xp = _pad_nhwc(x, pads)
+    out_h, out_w = dy.shape[1:3]
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            window = lax.slice(
+                xp, (0, i, j, 0),
+                (xp.shape[0], i + (out_h - 1) * strides[0] + 1,
+                 j + (out_w - 1) * strides[1] + 1, xp.shape[3]),
+                (1, strides[0], strides[1], 1),
+            )
+            taps.append(jnp.sum(window * dy, axis=(0, 1, 2)))
+    dkernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+    return dx.astype(x.dtype), dkernel
+
+
+_shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
 
 
 def conv(
