@@ -44,7 +44,9 @@ class BlockSpec:
 
 
 def relu6(x: jax.Array) -> jax.Array:
-    return jnp.clip(x, 0, 6)
+    # jax.nn.relu6 has a custom JVP (a mask); differentiating jnp.clip instead goes through
+    # max/min's tie-splitting rule: selects and two divides per element, ~15% of a train step.
+    return jax.nn.relu6(x)
 
 
 class ConvBN(nn.Module):
