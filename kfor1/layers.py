@@ -107,23 +107,25 @@ def depthwise_conv(
     return _shifted_depthwise(x, kernel, strides, pads)
 
 
+def _window(xp: jax.Array, i: int, j: int, out_hw: tuple[int, int], strides: tuple[int, int]):
+    """The input pixels that kernel tap (i, j) meets, for every output position."""
+    (out_h, out_w), (sh, sw) = out_hw, strides
+    return lax.slice(
+        xp, (0, i, j, 0),
+        (xp.shape[0], i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, xp.shape[3]),
+        (1, sh, sw, 1),
+    )
+
+
 def _shifted_sum(xp: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
     """VALID depthwise correlation of padded ``xp``: a sum of kh*kw shifted, strided slices
     scaled per channel — elementwise work that XLA:CPU vectorises well."""
     kh, kw = kernel.shape[:2]
-    out_h = (xp.shape[1] - kh) // strides[0] + 1
-    out_w = (xp.shape[2] - kw) // strides[1] + 1
+    out_hw = ((xp.shape[1] - kh) // strides[0] + 1, (xp.shape[2] - kw) // strides[1] + 1)
     out = None
     for i in range(kh):
         for j in range(kw):
-            window = lax.slice(
-                xp,
-                (0, i, j, 0),
-                (xp.shape[0], i + (out_h - 1) * strides[0] + 1,
-                 j + (out_w - 1) * strides[1] + 1, xp.shape[3]),
-                (1, strides[0], strides[1], 1),
-            )
-            term = window * kernel[i, j, 0]
+            term = _window(xp, i, j, out_hw, strides) * kernel[i, j, 0]
             out = term if out is None else out + term
     return out
 
@@ -159,17 +161,10 @@ def _shifted_depthwise_bwd(strides, pads, residuals, dy):
     dx = _shifted_sum(dy_lattice, kernel[::-1, ::-1], (1, 1))
     # Kernel gradient: one reduction per tap, of the input window times dy.
     xp = _pad_nhwc(x, pads)
-    out_h, out_w = dy.shape[1:3]
-    taps = []
-    for i in range(kh):
-        for j in range(kw):
-            window = lax.slice(
-                xp, (0, i, j, 0),
-                (xp.shape[0], i + (out_h - 1) * strides[0] + 1,
-                 j + (out_w - 1) * strides[1] + 1, xp.shape[3]),
-                (1, strides[0], strides[1], 1),
-            )
-            taps.append(jnp.sum(window * dy, axis=(0, 1, 2)))
+    taps = [
+        jnp.sum(_window(xp, i, j, dy.shape[1:3], strides) * dy, axis=(0, 1, 2))
+        for i in range(kh) for j in range(kw)
+    ]
     dkernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
     return dx.astype(x.dtype), dkernel
 
