@@ -9,7 +9,6 @@ test uses the paper's MobileNetV2 (width 0.35) at 32 px.
 from __future__ import annotations
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,23 +20,9 @@ from kfor1.multitask import Task, init_multitask, task_variables
 from kfor1.optim import patch_optimizer
 from kfor1.spec import SHARED, flatten, partition, unflatten
 from kfor1.step import make_eval_step, make_predict_fn, make_train_step
+from tests.tiny_models import TinyCNN
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-class TinyCNN(nn.Module):
-    num_classes: int = 5
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        bn = dict(use_running_average=not train, momentum=0.9)
-        x = nn.Conv(8, (3, 3), strides=2, use_bias=False, name="stem")(x)
-        x = nn.relu(nn.BatchNorm(**bn, name="stem_bn")(x))
-        x = nn.Conv(8, (3, 3), feature_group_count=8, use_bias=False, name="dw")(x)
-        x = nn.relu(nn.BatchNorm(**bn, name="dw_bn")(x))
-        x = nn.Conv(16, (1, 1), name="pw")(x)
-        x = nn.relu(nn.BatchNorm(**bn, name="pw_bn")(x))
-        return nn.Dense(self.num_classes, name="head")(x.mean((1, 2)))
 
 
 BASE_CLASSES = 5
