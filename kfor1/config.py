@@ -14,11 +14,11 @@ import ml_collections
 # Learning rates per patch group, chosen on CIFAR-10 (see docs/optimizer_defaults.md): BatchNorm
 # scale/bias wants a larger rate than the classifier.
 DEFAULT_LEARNING_RATES = {
-    "scale_bias": 1e-2,
-    "logits": 3e-3,
+    "scale_bias": 3e-2,
+    "logits": 1e-3,
     "depthwise": 3e-3,
     "bias": 1e-2,
-    "full": 3e-4,
+    "full": 1e-3,
     "patch": 3e-3,
     "shared": 3e-4,
 }

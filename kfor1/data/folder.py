@@ -149,9 +149,10 @@ def load_folder(
 ) -> tuple[tf.data.Dataset, DatasetInfo]:
     """An ImageFolder split as ``{"image", "label"}`` (or ``{"path", "label"}`` undecoded).
 
-    The train split comes in one fixed permutation drawn from ``seed`` (a listing is sorted by
-    class, which a finite shuffle buffer would not fully mix); the test split keeps the sorted
-    file order. With ``check_images`` every file of the split is decoded once up front and
+    A listing is sorted by class, so both splits come permuted: the train split by ``seed`` (a
+    finite shuffle buffer would not mix a sorted listing), the test split by a fixed permutation,
+    so that its first N images (``config.max_eval_examples``) cover every class and are the
+    same N in every run. With ``check_images`` every file of the split is decoded once up front and
     undecodable ones are reported as a ``DataError``; without it they surface when read, and the
     input pipeline skips them with a warning.
     """
@@ -172,9 +173,8 @@ def load_folder(
             )
     files = np.asarray(chosen.files)
     labels = np.asarray(chosen.labels, dtype=np.int64)
-    if split == "train":
-        order = np.random.default_rng(seed).permutation(len(files))
-        files, labels = files[order], labels[order]
+    order = np.random.default_rng(seed if split == "train" else 0).permutation(len(files))
+    files, labels = files[order], labels[order]
     ds = tf.data.Dataset.from_tensor_slices({"path": files, "label": labels})
     if decode:
         ds = ds.map(decode_example, num_parallel_calls=tf.data.AUTOTUNE)
