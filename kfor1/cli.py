@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line and returns the exit status (0 ok, 2 for usage or input errors)."""
+    from kfor1.cpu import keep_freed_memory
+
+    keep_freed_memory()  # This process is ours: see kfor1/cpu.py.
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
         # Training takes ml_collections' absl flags (--config.KEY=VALUE), which argparse

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
+from kfor1.cpu import keep_freed_memory
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/transfer.py:dataset=digits",
     lock_config=True,
@@ -42,6 +44,7 @@ def _main(argv: Sequence[str]) -> int:
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+    keep_freed_memory()
     if _CONFIG.value is None or not _WORKDIR.value:
         print("error: --config and --workdir are required", file=sys.stderr)
         return 2

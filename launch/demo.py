@@ -26,9 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     from absl import logging
 
     from configs.quickstart import get_config
+    from kfor1.cpu import keep_freed_memory
     from kfor1.train import train
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO.
+    keep_freed_memory()  # See kfor1/cpu.py: XLA:CPU steps otherwise re-fault their buffers.
 
     rows = []
     for patch in PATCHES:
