@@ -17,16 +17,18 @@ fastest way eager PyTorch offers on CPU: channels_last tensors, padding inside `
 (symmetric ``k // 2``: not TensorFlow's SAME at stride 2, so the outputs shift by a pixel, but the
 FLOPs are the same), ``requires_grad=False`` on frozen parameters, fused AdamW, all cores.
 
-Every measurement runs untimed warm-up steps, then timed repetitions of back-to-back steps ending
-in ``jax.block_until_ready``; tables give the median repetition. Repetitions alternate between
-the workloads compared in a section (kfor1 and PyTorch), so load from other processes slows both.
-kfor1 functions are compiled ahead of time (``jit(...).lower(...).compile()``, the executable a
-first call would build), which gives XLA's cost analysis and keeps compilation out of the timing.
+Every measurement runs untimed warm-up steps, then timed repetitions, each one untimed "settle"
+step (the first step after switching workloads is slower) and timed steps ending in
+``jax.block_until_ready``; tables give the median repetition and the fastest. Repetitions
+alternate between the workloads compared in a section (kfor1 and PyTorch), so load from other
+processes slows both. kfor1 functions are compiled ahead of time (``jit(...).lower(...)
+.compile()``, the executable a first call would build), which gives XLA's cost analysis and keeps
+compilation out of the timing.
 
-Run from the repository root::
+Run from the repository root (results and how to read them: ``benchmarks/README.md``)::
 
     python -m benchmarks.suite --resolution 128 --batch 32 --json suite.json
-    python -m benchmarks.suite --only patch_step,inference --ks 1,2,4,8
+    python -m benchmarks.suite --only patch_step,inference --ks 1,2,4
     python -m benchmarks.suite --tiny   # 32 px, batch 2, 1 step: only checks that it runs
 """
 
@@ -689,6 +691,9 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "jax_version": jax.__version__,
         "flax_version": flax.__version__, "torch_version": torch.__version__,
         "python": platform.python_version(), "processor": platform.processor(),
+        # Allocator and threading settings change CPU timings (see benchmarks/README.md).
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(
+            ("MALLOC_", "XLA_FLAGS", "LD_PRELOAD", "OMP_", "MKL_", "TF_CPP"))},
     }
 
 
@@ -701,6 +706,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{info['torch_device']} ({info['torch_threads']} threads), {info['cpu_count']} CPU "
           f"cores, jax {info['jax_version']}, flax {info['flax_version']}, torch "
           f"{info['torch_version']}, load average {os.getloadavg()}", flush=True)
+    print(f"environment: {info['environment'] or '(no allocator/threading variables set)'}",
+          flush=True)
     print(f"{MODEL}, {args.resolution} px, batch {args.batch}, {args.classes} classes; "
           f"{args.warmup} warm-up steps, {args.repeats} repetitions of {args.settle} untimed + "
           f"{args.steps} training / {args.infer_steps} inference steps", flush=True)
