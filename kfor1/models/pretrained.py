@@ -15,6 +15,7 @@ import zipfile
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from kfor1.models import convert
 from kfor1.models.inverted_residual import InvertedResidualNet
@@ -168,7 +169,8 @@ def load_pretrained(
                 preprocessing, resolution=int(keras_model.input_shape[1])
             )
 
-    variables = convert.assign(model, mapping, weights, source, rng=rng)
+    # On the device once: NumPy leaves would be copied over again on every jitted call.
+    variables = jax.tree.map(jnp.asarray, convert.assign(model, mapping, weights, source, rng=rng))
     class_names = imagenet_class_names() if num_classes == 1000 else tuple(
         f"class_{i}" for i in range(num_classes)
     )
