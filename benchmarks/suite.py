@@ -64,6 +64,7 @@ import torch  # noqa: E402
 import kfor1  # noqa: E402
 from benchmarks import torch_lite  # noqa: E402
 from benchmarks.conv_impl import time_steps, warm_up  # noqa: E402
+from kfor1.cpu import keep_freed_memory  # noqa: E402
 from kfor1.models import packaged_weights_path  # noqa: E402
 from kfor1.patchfile import META_FILE, WEIGHTS_FILE, export_patch  # noqa: E402
 
@@ -700,14 +701,17 @@ def machine() -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the selected sections; prints a markdown table per section; optionally writes JSON."""
     args = parse_args(argv)
+    # As kfor1's entry points do; PyTorch, in the same process, gets the same allocator.
+    kept = keep_freed_memory()
     torch.set_num_threads(os.cpu_count() or 1)  # XLA:CPU uses every core by default.
     info = machine()
+    info["keep_freed_memory"] = kept
     print(f"jax device: {info['jax_device']} ({info['jax_platform']}), torch device: "
           f"{info['torch_device']} ({info['torch_threads']} threads), {info['cpu_count']} CPU "
           f"cores, jax {info['jax_version']}, flax {info['flax_version']}, torch "
           f"{info['torch_version']}, load average {os.getloadavg()}", flush=True)
-    print(f"environment: {info['environment'] or '(no allocator/threading variables set)'}",
-          flush=True)
+    print(f"environment: {info['environment'] or '(no allocator/threading variables set)'}; "
+          f"glibc keeps freed memory: {kept}", flush=True)
     print(f"{MODEL}, {args.resolution} px, batch {args.batch}, {args.classes} classes; "
           f"{args.warmup} warm-up steps, {args.repeats} repetitions of {args.settle} untimed + "
           f"{args.steps} training / {args.infer_steps} inference steps", flush=True)

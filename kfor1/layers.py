@@ -159,14 +159,31 @@ def _shifted_depthwise_bwd(strides, pads, residuals, dy):
         lattice.append((low, size + k - 1 - low - span, s - 1))
     dy_lattice = lax.pad(dy, jnp.zeros((), dy.dtype), [(0, 0, 0), *lattice, (0, 0, 0)])
     dx = _shifted_sum(dy_lattice, kernel[::-1, ::-1], (1, 1))
-    # Kernel gradient: one reduction per tap, of the input window times dy.
+    return dx.astype(x.dtype), _depthwise_kernel_grad(x, dy, kernel, strides, pads)
+
+
+def _depthwise_kernel_grad(x, dy, kernel, strides: tuple[int, int], pads: PadPairs):
+    """All kh*kw kernel-tap gradients (input window times dy, summed over N, H, W) in one pass.
+
+    One variadic ``lax.reduce`` with a sum per tap becomes a single multi-output loop that reads
+    ``x`` and ``dy`` once; kh*kw separate ``jnp.sum`` calls read them kh*kw times (10x slower
+    for a 3x3 kernel over (32, 32, 32, 144) on 2 CPU cores). XLA:CPU runs a variadic reduction
+    as a plain sequential loop, so it sums each image's H x W first and the images after: that
+    is faster than one pass over N, H, W (the images run in parallel) and keeps float32 rounding
+    at ~3e-7 of the result instead of ~1e-5.
+    """
+    kh, kw = kernel.shape[:2]
     xp = _pad_nhwc(x, pads)
-    taps = [
-        jnp.sum(_window(xp, i, j, dy.shape[1:3], strides) * dy, axis=(0, 1, 2))
+    accumulate = jnp.promote_types(dy.dtype, jnp.float32)  # Sum bfloat16 products in float32.
+    products = [
+        (_window(xp, i, j, dy.shape[1:3], strides) * dy).astype(accumulate)
         for i in range(kh) for j in range(kw)
     ]
-    dkernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
-    return dx.astype(x.dtype), dkernel
+    zeros = [jnp.zeros((), accumulate)] * len(products)
+    sums = lax.reduce(
+        products, zeros, lambda acc, new: [a + b for a, b in zip(acc, new)], (1, 2)
+    )
+    return jnp.sum(jnp.stack(sums), axis=1).reshape(kernel.shape).astype(kernel.dtype)
 
 
 _shifted_depthwise.defvjp(_shifted_depthwise_fwd, _shifted_depthwise_bwd)
