@@ -198,7 +198,8 @@ def conv(
 ) -> jax.Array:
     """Dense 2-D convolution of NHWC ``x`` with a ``(kh, kw, in, out)`` kernel.
 
-    A 1x1 kernel becomes a strided slice and a matrix product (``dot_general``) off XLA.
+    Off XLA, a 1x1 kernel becomes a strided slice and a matrix product (``dot_general``), and a
+    kernel over few input channels (``IM2COL_MAX_CHANNELS``) a product over gathered patches.
     """
     kh, kw, cin, _ = kernel.shape
     if x.shape[-1] != cin:
@@ -211,9 +212,29 @@ def conv(
         if strides != (1, 1):
             x = x[:, :: strides[0], :: strides[1], :]
         return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+    if cin <= IM2COL_MAX_CHANNELS and resolve_impl(impl) != "xla":
+        return _im2col_conv(x, kernel, strides, pads)
     return lax.conv_general_dilated(
         x, kernel, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
+
+
+# Dense kxk convolutions with at most this many input channels (a stem on RGB images) run as
+# one matrix product over gathered patches off XLA: 3x faster than XLA:CPU's convolution for
+# EfficientNet's stem (3 -> 32 channels, 128 px, batch 32: 2.6 vs 7.6 ms), slower from ~16
+# channels on, where the patches get as large as the convolution's work.
+IM2COL_MAX_CHANNELS = 4
+
+
+def _im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: PadPairs):
+    kh, kw, cin, cout = kernel.shape
+    xp = _pad_nhwc(x, pads)
+    out_hw = ((xp.shape[1] - kh) // strides[0] + 1, (xp.shape[2] - kw) // strides[1] + 1)
+    # Patch channels ordered (i, j, c), as the HWIO kernel flattens.
+    patches = jnp.concatenate(
+        [_window(xp, i, j, out_hw, strides) for i in range(kh) for j in range(kw)], axis=-1
+    )
+    return lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())))
 
 
 class Conv(nn.Module):

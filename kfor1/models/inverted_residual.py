@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from kfor1.layers import Conv, DepthwiseConv, Padding
+from kfor1.norm import BatchNorm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +78,7 @@ class ConvBN(nn.Module):
                 self.features, self.kernel_size, self.strides, padding, impl=self.conv_impl,
                 dtype=self.dtype, name="conv",
             )(x)
-        x = nn.BatchNorm(
+        x = BatchNorm(
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,

@@ -1,0 +1,117 @@
+"""BatchNorm with a hand-written training-mode gradient.
+
+A drop-in for ``flax.linen.BatchNorm`` over the last (channel) axis: the same variables
+(``params/{scale,bias}``, ``batch_stats/{mean,var}``), defaults, running-average update and
+numerics, so checkpoints, patches and partition presets do not notice the difference.
+
+Why: autodiff of Flax's BatchNorm materialises ``x - mean`` in the forward pass for the backward
+one and differentiates through the mean and the variance separately, which takes three reductions
+over the activation per layer in the backward pass. Every one of them is a pass over a tensor that
+does not fit in cache, and a patch step is bandwidth-bound: BatchNorm was ~40% of an
+EfficientNet-Lite0 patch step on CPU. The closed-form gradient needs two sums (``sum(dy)`` and
+``sum(dy * x)``) and one elementwise pass, and keeps only ``x``, which the convolution before it
+has materialised anyway.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _channel_sums(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    axes = tuple(range(arrays[0].ndim - 1))
+    return tuple(jnp.sum(a, axis=axes) for a in arrays)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Normalises ``x`` over every axis but the last with its own batch statistics.
+
+    Returns ``(y, mean, var)``; ``var`` is the biased batch variance ``E[x^2] - E[x]^2`` (as in
+    Flax with ``use_fast_variance``). Computed in float32 or wider; ``y`` has ``x``'s dtype.
+    """
+    return _forward(x, scale, bias, epsilon)[0]
+
+
+def _forward(x, scale, bias, epsilon):
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    xf = x.astype(dtype)
+    count = x.size // x.shape[-1]
+    total, squares = _channel_sums(xf, xf * xf)
+    mean = total / count
+    var = jnp.maximum(squares / count - mean * mean, 0.0)
+    inv = lax.rsqrt(var + epsilon)
+    gain = scale.astype(dtype) * inv
+    y = (xf * gain + (bias.astype(dtype) - mean * gain)).astype(x.dtype)
+    return (y, mean, var), (x, scale, bias, mean, inv)
+
+
+def _backward(epsilon, residuals, cotangents):
+    del epsilon
+    x, scale, bias, mean, inv = residuals
+    dy, dmean, dvar = cotangents
+    dtype = mean.dtype
+    xf, dyf = x.astype(dtype), dy.astype(dtype)
+    count = x.size // x.shape[-1]
+    dbias, dy_x = _channel_sums(dyf, dyf * xf)
+    dscale = inv * (dy_x - mean * dbias)  # sum(dy * x_hat)
+    gain = scale.astype(dtype) * inv
+    # dx = gain * (dy - mean(dy) - x_hat * mean(dy * x_hat)), plus the paths through the
+    # returned mean and variance (zero in training, where only the running averages use them):
+    # one affine map per channel of dy and x.
+    coef_x = -gain * inv * dscale / count + 2.0 * dvar / count
+    offset = (
+        -gain * dbias / count + gain * inv * mean * dscale / count
+        - 2.0 * dvar * mean / count + dmean / count
+    )
+    dx = (dyf * gain + xf * coef_x + offset).astype(x.dtype)
+    return dx, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+batch_norm_train.defvjp(_forward, _backward)
+
+
+class BatchNorm(nn.Module):
+    """``flax.linen.BatchNorm`` over the channel (last) axis, with a closed-form gradient.
+
+    Same fields and variables as Flax's for what kfor1's models use (no ``axis_name``: under
+    ``jit`` a batch sharded over devices gets global statistics anyway).
+    """
+
+    use_running_average: bool | None = None
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    scale_init: nn.initializers.Initializer = nn.initializers.ones
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        use_running_average = nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x, scale, bias)
+        if use_running_average:
+            # Flax's formula, so eval outputs match it bit for bit.
+            mul = lax.rsqrt(ra_var.value + self.epsilon) * scale
+            y = (x - ra_mean.value) * mul + bias
+            return jnp.asarray(y, dtype)
+        y, mean, var = batch_norm_train(x.astype(dtype), scale, bias, self.epsilon)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1.0 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1.0 - self.momentum) * var
+        return y
