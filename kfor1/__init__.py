@@ -11,10 +11,11 @@ Public API:
 - multi-task training: ``Task``, ``init_multitask``, ``task_variables``, ``make_train_step``,
   ``make_eval_step``, ``make_predict_fn``;
 - devices: ``make_mesh``, ``shard_state``, ``shard_batch``;
-- layers: ``kfor1.layers`` (backend-chosen depthwise and 1x1 convolutions).
+- layers: ``kfor1.layers`` (backend-chosen depthwise, 1x1 and stem convolutions) and
+  ``kfor1.norm`` (``BatchNorm``: Flax's, with a closed-form training gradient).
 """
 
-from kfor1 import layers, models
+from kfor1 import layers, models, norm
 from kfor1.models import Pretrained, create, load_pretrained
 from kfor1.multitask import Layout, MultiTaskState, Task, init_multitask, task_variables
 from kfor1.optim import patch_optimizer
@@ -44,6 +45,7 @@ __all__ = [
     "make_predict_fn",
     "make_train_step",
     "models",
+    "norm",
     "partition",
     "patch_optimizer",
     "report",

@@ -16,6 +16,10 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
+# mallopt's "-1 disables trimming completely". The largest int (2 GiB) is not enough: a K=8
+# EfficientNet-Lite0 step frees a ~4.5 GB temporary buffer, which glibc then trimmed and
+# faulted back in on every step (600k page faults, ~1 s of system time per step).
+_NEVER = -1
 
 
 def keep_freed_memory() -> bool:
@@ -30,7 +34,7 @@ def keep_freed_memory() -> bool:
         return all(
             libc.mallopt(option, value) == 1
             for option, value in (
-                (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1),
+                (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER), (_M_ARENA_MAX, 1),
             )
         )
     except (OSError, AttributeError):
