@@ -211,7 +211,7 @@ def conv(
             x = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
         if strides != (1, 1):
             x = x[:, :: strides[0], :: strides[1], :]
-        return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+        return _pointwise(x, kernel[0, 0])
     if cin <= IM2COL_MAX_CHANNELS and resolve_impl(impl) != "xla":
         return _im2col_conv(x, kernel, strides, pads)
     return lax.conv_general_dilated(
@@ -235,6 +235,35 @@ def _im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads
         [_window(xp, i, j, out_hw, strides) for i in range(kh) for j in range(kw)], axis=-1
     )
     return lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def _pointwise(x, kernel):
+    """``x @ kernel`` over the channel axis, with the kernel gradient as one product of the
+    flattened ``(pixels, channels)`` matrices.
+
+    Autodiff's kernel gradient contracts the N, H, W axes of the 4-D operands; for it XLA:CPU
+    wrote the preceding BatchNorm gradient out transposed, (C, N*H*W), a strided copy that took
+    24 ms of a 330 ms EfficientNet-Lite0 full fine-tuning step for one layer. With the explicit
+    2-D product the full step runs ~10% faster; frozen kernels skip this product altogether.
+    """
+    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _pointwise_fwd(x, kernel):
+    return _pointwise(x, kernel), (x, kernel)
+
+
+def _pointwise_bwd(residuals, dy):
+    x, kernel = residuals
+    dx = lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
+    rows = x.reshape(-1, x.shape[-1])
+    drows = dy.reshape(-1, dy.shape[-1])
+    dkernel = lax.dot_general(rows, drows, (((0,), (0,)), ((), ())))
+    return dx, dkernel
+
+
+_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
 class Conv(nn.Module):
