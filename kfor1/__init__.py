@@ -9,13 +9,13 @@ Public API:
 - models: ``create``, ``load_pretrained``, ``Pretrained`` (and ``kfor1.models``);
 - patches: ``PatchSpec``, ``partition``, ``report``, ``patch_optimizer``;
 - multi-task training: ``Task``, ``init_multitask``, ``task_variables``, ``make_train_step``,
-  ``make_eval_step``, ``make_predict_fn``;
+  ``make_eval_step``, ``make_predict_fn`` (inference in micro-batches: ``kfor1.microbatch``);
 - devices: ``make_mesh``, ``shard_state``, ``shard_batch``;
 - layers: ``kfor1.layers`` (backend-chosen depthwise, 1x1 and stem convolutions) and
   ``kfor1.norm`` (``BatchNorm``: Flax's, with a closed-form training gradient).
 """
 
-from kfor1 import layers, models, norm
+from kfor1 import layers, microbatch, models, norm
 from kfor1.models import Pretrained, create, load_pretrained
 from kfor1.multitask import Layout, MultiTaskState, Task, init_multitask, task_variables
 from kfor1.optim import patch_optimizer
@@ -40,6 +40,7 @@ __all__ = [
     "init_multitask",
     "layers",
     "load_pretrained",
+    "microbatch",
     "make_eval_step",
     "make_mesh",
     "make_predict_fn",

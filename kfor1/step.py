@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kfor1.microbatch import MicroBatch, map_micro_batches
 from kfor1.multitask import Layout, MultiTaskState
 from kfor1.spec import flatten, unflatten
 
@@ -102,8 +103,18 @@ def _place(full: jax.Array, part: jax.Array, idx: tuple[int, ...], k: int) -> ja
     return full.at[np.asarray(idx)].set(part)
 
 
-def _forward(model: nn.Module, train_kwarg: str, split: _Split, train: bool, update_stats: bool):
-    """A single task's forward pass: f(patch_k, stats_k, shared, shared_stats, x, key)."""
+def _forward(
+    model: nn.Module,
+    train_kwarg: str,
+    split: _Split,
+    train: bool,
+    update_stats: bool,
+    micro_batch: MicroBatch = None,
+):
+    """A single task's forward pass: f(patch_k, stats_k, shared, shared_stats, x, key).
+
+    Inference (``train`` and ``update_stats`` False) runs over ``micro_batch``-image chunks.
+    """
 
     def forward(patch, patch_stats, shared, shared_stats, images, key):
         variables = {"params": unflatten({**shared, **patch})}
@@ -115,8 +126,13 @@ def _forward(model: nn.Module, train_kwarg: str, split: _Split, train: bool, upd
         if update_stats:
             logits, updates = model.apply(variables, images, mutable=["batch_stats"], **kwargs)
             new_stats = flatten(updates["batch_stats"])
-        else:
+        elif train:
             logits, new_stats = model.apply(variables, images, **kwargs), {}
+        else:
+            logits = map_micro_batches(
+                lambda x: model.apply(variables, x, **kwargs), images, micro_batch
+            )
+            new_stats = {}
         return logits.astype(jnp.float32), new_stats
 
     return forward
@@ -230,10 +246,13 @@ def make_eval_step(
     *,
     groups: Sequence[Sequence[int]] | None = None,
     train_kwarg: str = "train",
+    micro_batch: MicroBatch = "auto",
 ) -> Callable[[MultiTaskState, Any], dict[str, jax.Array]]:
     """Returns ``eval_step(state, batch) -> metrics`` with per-task sums of shape (K,):
     ``loss_sum``, ``correct`` and ``count``. An optional ``mask`` (K, B) in the batch marks real
-    examples, so the last, padded batch of an epoch counts correctly."""
+    examples, so the last, padded batch of an epoch counts correctly. Each task's batch runs in
+    chunks of ``micro_batch`` images (``kfor1.microbatch``: "auto" is 8 on CPU, whole elsewhere).
+    """
 
     def step(state: MultiTaskState, batch: Any) -> dict[str, jax.Array]:
         layout = state.layout
@@ -241,7 +260,7 @@ def make_eval_step(
         task_groups = resolution_groups(layout, groups)
         batches = _group_batches(batch, task_groups)
         split = _Split(state)
-        forward = _forward(model, train_kwarg, split, False, False)
+        forward = _forward(model, train_kwarg, split, False, False, micro_batch)
         class_mask = jnp.asarray(layout.class_mask())
         out = {name: jnp.zeros((k,)) for name in ("loss_sum", "correct", "count")}
         for idx, b in zip(task_groups, batches):
@@ -267,14 +286,15 @@ def make_eval_step(
 
 
 def make_predict_fn(
-    model: nn.Module, *, train_kwarg: str = "train"
+    model: nn.Module, *, train_kwarg: str = "train", micro_batch: MicroBatch = "auto"
 ) -> Callable[[MultiTaskState, jax.Array], jax.Array]:
     """Returns ``predict(state, images (K, B, H, W, C)) -> probabilities (K, B, max_classes)``,
-    with padded classes at exactly 0."""
+    with padded classes at exactly 0; in chunks of ``micro_batch`` images, as ``make_eval_step``.
+    """
 
     def predict(state: MultiTaskState, images: jax.Array) -> jax.Array:
         split = _Split(state)
-        forward = _forward(model, train_kwarg, split, False, False)
+        forward = _forward(model, train_kwarg, split, False, False, micro_batch)
         mask = jnp.asarray(state.layout.class_mask())
 
         def one(p, ps, x, m):

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from kfor1.microbatch import MicroBatch, map_micro_batches
 from kfor1.models import convert
 from kfor1.models.inverted_residual import InvertedResidualNet
 from kfor1.models.keras_weights import HDF5_MAGIC, from_keras_model, read_keras_weights
@@ -43,19 +44,25 @@ class Pretrained:
     class_names: tuple[str, ...]
     source: str
 
-    def logits(self, images: Any) -> jax.Array:
-        """Eval-mode logits of uint8 (0..255) NHWC images already at the model's resolution."""
-        return _logits(self.model, self.preprocessing, self.variables, images)
+    def logits(self, images: Any, micro_batch: MicroBatch = "auto") -> jax.Array:
+        """Eval-mode logits of uint8 (0..255) NHWC images already at the model's resolution,
+        computed in chunks of ``micro_batch`` images (``kfor1.microbatch``)."""
+        return _logits(self.model, self.preprocessing, self.variables, images, micro_batch)
 
-    def predict(self, images: Any) -> jax.Array:
+    def predict(self, images: Any, micro_batch: MicroBatch = "auto") -> jax.Array:
         """Class probabilities of uint8 NHWC images."""
-        return jax.nn.softmax(self.logits(images), axis=-1)
+        return jax.nn.softmax(self.logits(images, micro_batch), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "preprocessing"))
-def _logits(model: Any, preprocessing: Preprocessing, variables: Any, images: Any) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("model", "preprocessing", "micro_batch"))
+def _logits(
+    model: Any, preprocessing: Preprocessing, variables: Any, images: Any,
+    micro_batch: MicroBatch,
+) -> jax.Array:
     # Compiled once per model, preprocessing and input shape; weights stay arguments.
-    return model.apply(variables, preprocessing.normalize(images))
+    return map_micro_batches(
+        lambda x: model.apply(variables, preprocessing.normalize(x)), images, micro_batch
+    )
 
 
 @functools.cache

@@ -1,0 +1,68 @@
+"""Inference in micro-batches computes exactly what one pass over the whole batch computes."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny_models import TinyCNN
+
+import kfor1
+from kfor1.microbatch import CPU_MICRO_BATCH, map_micro_batches, resolve_micro_batch
+
+
+def _model_and_variables(num_classes=5):
+    model = TinyCNN(num_classes=num_classes)
+    x = jnp.zeros((1, 16, 16, 3))
+    return model, model.init(jax.random.key(0), x, train=False)
+
+
+@pytest.mark.parametrize("batch,micro_batch", [(8, 4), (10, 4), (3, 4), (7, 1), (6, None)])
+def test_micro_batches_match_the_whole_batch(batch, micro_batch):
+    model, variables = _model_and_variables()
+    x = jax.random.normal(jax.random.key(1), (batch, 16, 16, 3))
+
+    def apply(images):
+        return model.apply(variables, images, train=False)
+
+    out = jax.jit(lambda x: map_micro_batches(apply, x, micro_batch))(x)
+    chex.assert_shape(out, (batch, 5))
+    chex.assert_trees_all_close(out, apply(x), atol=1e-5, rtol=1e-5)
+
+
+def test_pytree_outputs_and_vmap_over_tasks():
+    x = jax.random.normal(jax.random.key(2), (3, 10, 4))  # (tasks, batch, features)
+
+    def fn(rows):
+        return {"sum": rows.sum(-1), "double": 2 * rows}
+
+    out = jax.vmap(lambda t: map_micro_batches(fn, t, 4))(x)
+    chex.assert_trees_all_close(out, jax.vmap(fn)(x))
+
+
+def test_auto_micro_batches_on_cpu_only(monkeypatch):
+    assert resolve_micro_batch("auto") == CPU_MICRO_BATCH  # The tests run on CPU.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_micro_batch("auto") is None
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, "eight"])
+def test_bad_micro_batch_says_what_is_allowed(bad):
+    with pytest.raises(ValueError, match="positive int, None"):
+        resolve_micro_batch(bad)
+
+
+def test_predict_and_eval_step_are_unchanged_by_micro_batching():
+    model, variables = _model_and_variables()
+    labels = kfor1.partition(variables, "scale_bias+logits")
+    tasks = [kfor1.Task("a", 5), kfor1.Task("b", 3)]
+    state = kfor1.init_multitask(variables, labels, tasks)
+    images = jax.random.normal(jax.random.key(3), (2, 11, 16, 16, 3))
+    batch = {"images": images, "labels": jnp.asarray(np.arange(22).reshape(2, 11) % 3)}
+    whole = kfor1.make_predict_fn(model, micro_batch=None)(state, images)
+    chunked = kfor1.make_predict_fn(model, micro_batch=4)(state, images)
+    chex.assert_trees_all_close(chunked, whole, atol=1e-6)
+    chex.assert_trees_all_close(
+        kfor1.make_eval_step(model, micro_batch=4)(state, batch),
+        kfor1.make_eval_step(model, micro_batch=None)(state, batch), atol=1e-5,
+    )
