@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kfor1 import native
+
 Impl = Literal["auto", "xla", "fast_cpu"]
 Padding = str | int | Sequence[tuple[int, int]]
 PadPairs = tuple[tuple[int, int], tuple[int, int]]
@@ -134,9 +136,23 @@ def _pad_nhwc(x: jax.Array, pads: PadPairs) -> jax.Array:
     return jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
 
 
+def _use_native(x: jax.Array, kernel: jax.Array) -> bool:
+    """The compiled kernel (``kfor1.native``) serves float32 on the CPU, kernels up to 7x7."""
+    return (
+        x.dtype == jnp.float32 and kernel.dtype == jnp.float32 and max(kernel.shape[:2]) <= 7
+        and jax.default_backend() == "cpu" and native.depthwise_available()
+    )
+
+
+def _depthwise_forward(x, kernel, strides: tuple[int, int], pads: PadPairs):
+    if _use_native(x, kernel):
+        return native.depthwise_conv(x, kernel, strides, pads)
+    return _shifted_sum(_pad_nhwc(x, pads), kernel, strides)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _shifted_depthwise(x, kernel, strides: tuple[int, int], pads: PadPairs):
-    return _shifted_sum(_pad_nhwc(x, pads), kernel, strides)
+    return _depthwise_forward(x, kernel, strides, pads)
 
 
 def _shifted_depthwise_fwd(x, kernel, strides, pads):
@@ -163,6 +179,13 @@ def _depthwise_input_grad(dy, kernel, x_shape, strides: tuple[int, int], pads: P
     kh, kw = kernel.shape[:2]
     (sh, sw), ((top, _), (left, _)) = strides, pads
     n, height, width, channels = x_shape
+    if strides == (1, 1) and _use_native(dy, kernel):
+        # At stride 1 the input gradient is the forward kernel: dy correlated with the flipped
+        # kernel, padded so that the output has x's size.
+        transposed = []
+        for size, out, k, low in ((height, dy.shape[1], kh, top), (width, dy.shape[2], kw, left)):
+            transposed.append((k - 1 - low, size + k - 1 - out - (k - 1 - low)))
+        return native.depthwise_conv(dy, kernel[::-1, ::-1], (1, 1), tuple(transposed))
     taps_h, taps_w = -(-kh // sh), -(-kw // sw)  # Kernel rows (columns) per phase, at most.
     # Phase rows m cover padded input rows m * sh + p, up to the last unpadded one.
     rows, cols = -(-(top + height) // sh), -(-(left + width) // sw)

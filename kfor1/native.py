@@ -1,0 +1,127 @@
+"""Compiled CPU kernels, built on first use and called through XLA's FFI.
+
+kfor1 ships C++ source (``kfor1/csrc``), not binaries: the first call compiles it with the
+machine's C++ compiler (``-O3 -march=native``, ~2 s) against the XLA FFI headers that jaxlib
+ships, into a per-user cache keyed by the source, jax version and compiler; later processes load
+the cached library. Without a compiler, or with ``KFOR1_NATIVE=0``, every caller falls back to
+its pure-JAX path (same results), with one warning saying why.
+
+Only the depthwise convolution lives here: XLA:CPU's code for it is load-bound (see
+``benchmarks/README.md``), and it is a quarter to a third of an EfficientNet step on CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+
+SOURCE = Path(__file__).with_name("csrc") / "depthwise.cc"
+TARGET = "kfor1_depthwise_conv"
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+
+
+def cache_dir() -> Path:
+    """``$KFOR1_CACHE_DIR``, else ``$XDG_CACHE_HOME/kfor1`` or ``~/.cache/kfor1``."""
+    if os.environ.get("KFOR1_CACHE_DIR"):
+        return Path(os.environ["KFOR1_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kfor1"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def build(source: Path = SOURCE) -> Path:
+    """Compiles ``source`` into the cache (if not there yet) and returns the library's path.
+
+    Raises ``RuntimeError`` naming the compiler's complaint when it cannot.
+    """
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    include = jax.ffi.include_dir()
+    text = source.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([text, jax.__version__.encode(), compiler.encode(), " ".join(FLAGS).encode(),
+                    sys.platform.encode()])
+    ).hexdigest()[:16]
+    target = cache_dir() / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build under a temporary name and rename: concurrent processes never load a partial file.
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [compiler, *FLAGS, f"-I{include}", str(source), "-o", partial],
+            capture_output=True, text=True, timeout=300,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {source.name}: {result.stderr[-2000:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return target
+
+
+@functools.cache
+def depthwise_available() -> bool:
+    """Whether the compiled depthwise kernel is built and registered with XLA for the CPU."""
+    if os.environ.get("KFOR1_NATIVE", "1") == "0":
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(str(build()))
+        jax.ffi.register_ffi_target(
+            TARGET, jax.ffi.pycapsule(library.Kfor1DepthwiseConv), platform="cpu"
+        )
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
+        warnings.warn(
+            f"kfor1: the compiled depthwise convolution is unavailable ({error}); using the "
+            "pure-JAX path, which is slower on CPU. Set KFOR1_NATIVE=0 to silence this.",
+            RuntimeWarning, stacklevel=2,
+        )
+        return False
+    return True
+
+
+def depthwise_conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: tuple[int, int],
+    pads: tuple[tuple[int, int], tuple[int, int]],
+    scale: jax.Array | None = None,
+    shift: jax.Array | None = None,
+    relu6: bool = False,
+) -> jax.Array:
+    """Depthwise convolution of float32 NHWC ``x`` with a ``(kh, kw, 1, C)`` kernel on the CPU,
+    then ``x * scale + shift`` and ReLU6 per channel if given: the caller checks
+    ``depthwise_available()`` first."""
+    n, h, w, c = x.shape
+    kh, kw = kernel.shape[:2]
+    out_h = (h + pads[0][0] + pads[0][1] - kh) // strides[0] + 1
+    out_w = (w + pads[1][0] + pads[1][1] - kw) // strides[1] + 1
+    affine = scale is not None
+    ones = np.ones((c,), np.float32)
+    call = jax.ffi.ffi_call(
+        TARGET, jax.ShapeDtypeStruct((n, out_h, out_w, c), x.dtype), vmap_method="sequential"
+    )
+    return call(
+        x, kernel.reshape(kh, kw, c),
+        ones if scale is None else scale, ones * 0 if shift is None else shift,
+        sh=np.int64(strides[0]), sw=np.int64(strides[1]), pt=np.int64(pads[0][0]),
+        pl=np.int64(pads[1][0]), affine=affine, relu6=relu6,
+    )

@@ -1,0 +1,121 @@
+"""The compiled depthwise kernel (kfor1.native) computes what the pure-JAX path computes, and
+kfor1 falls back to that path, saying why, when the kernel cannot be built."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import pytest
+
+from kfor1 import layers, native
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = [
+    # (shape, kernel, stride, padding): EfficientNet's layers in small, odd sizes and borders.
+    ((2, 9, 7, 20), 3, 2, "SAME"),
+    ((2, 11, 13, 20), 5, 1, "SAME"),
+    ((3, 6, 5, 40), 3, 1, "VALID"),
+    ((2, 8, 9, 16), 7, 3, "SAME"),
+    ((1, 16, 16, 48), 3, 1, 1),
+    ((2, 10, 10, 35), 5, 2, "SAME"),
+    ((1, 4, 4, 32), 5, 1, "SAME"),  # Every output touches the padding.
+]
+
+
+def _inputs(shape, k, seed=0):
+    kx, kk, ks, kb = jax.random.split(jax.random.key(seed), 4)
+    c = shape[-1]
+    return (
+        jax.random.normal(kx, shape), jax.random.normal(kk, (k, k, 1, c)),
+        1.0 + 0.5 * jax.random.normal(ks, (c,)), 2.0 * jax.random.normal(kb, (c,)),
+    )
+
+
+@pytest.fixture(scope="module")
+def available():
+    assert native.depthwise_available(), "the native kernel did not build on this machine"
+
+
+@pytest.mark.parametrize("shape,k,stride,padding", CASES)
+def test_native_kernel_equals_shifted_multiply_adds(available, shape, k, stride, padding):
+    x, kernel, scale, shift = _inputs(shape, k)
+    pads = layers.resolve_padding(padding, shape[1:3], (k, k), (stride, stride))
+    reference = layers._shifted_sum(layers._pad_nhwc(x, pads), kernel, (stride, stride))
+    out = native.depthwise_conv(x, kernel, (stride, stride), pads)
+    chex.assert_equal_shape([out, reference])
+    chex.assert_trees_all_close(out, reference, atol=1e-5, rtol=1e-5)
+    fused = native.depthwise_conv(x, kernel, (stride, stride), pads, scale, shift, relu6=True)
+    chex.assert_trees_all_close(
+        fused, jnp.clip(reference * scale + shift, 0.0, 6.0), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_native_kernel_under_jit_and_vmap(available):
+    x, kernel, _, _ = _inputs((3, 2, 8, 8, 16), 3)
+    kernels = jnp.stack([kernel, 2 * kernel, -kernel])  # One kernel per task.
+    pads = ((1, 1), (1, 1))
+
+    def one(x, k):
+        return native.depthwise_conv(x, k, (1, 1), pads)
+
+    def reference(x, k):
+        return layers._shifted_sum(layers._pad_nhwc(x, pads), k, (1, 1))
+
+    chex.assert_trees_all_close(
+        jax.jit(jax.vmap(one))(x, kernels), jax.vmap(reference)(x, kernels), atol=1e-5
+    )
+    chex.assert_trees_all_close(
+        jax.vmap(one, in_axes=(0, None))(x, kernel),
+        jax.vmap(reference, in_axes=(0, None))(x, kernel), atol=1e-5,
+    )
+
+
+_FALLBACK = """
+import warnings
+import jax, jax.numpy as jnp
+from kfor1 import layers, native
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    ok = native.depthwise_available()
+x, k = jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 1, 4))
+out = layers.depthwise_conv(x, k, 1, "SAME", impl="fast_cpu")
+messages = "|".join(str(w.message) for w in caught)
+print("\t".join([str(ok), str(float(out[0, 2, 2, 0])), str(float(out[0, 0, 0, 0])), messages]))
+"""
+
+
+def _run(env):
+    result = subprocess.run(
+        [sys.executable, "-c", _FALLBACK], capture_output=True, text=True, check=True, cwd=ROOT,
+        env={**os.environ, **env},
+    )
+    return result.stdout.rstrip("\n").splitlines()[-1].split("\t")
+
+
+def test_without_a_compiler_the_pure_jax_path_runs_and_says_why(tmp_path):
+    ok, center, corner, message = _run(
+        {"CXX": str(tmp_path / "no-such-compiler"), "KFOR1_CACHE_DIR": str(tmp_path)}
+    )
+    assert ok == "False" and (center, corner) == ("9.0", "4.0")
+    assert "no-such-compiler" in message and "pure-JAX path" in message
+
+
+def test_kfor1_native_0_disables_the_kernel_silently(tmp_path):
+    ok, center, corner, message = _run({"KFOR1_NATIVE": "0", "KFOR1_CACHE_DIR": str(tmp_path)})
+    assert ok == "False" and (center, corner) == ("9.0", "4.0") and message == ""
+    assert not list(tmp_path.iterdir())  # Nothing was built.
+
+
+def test_a_build_is_cached_per_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("KFOR1_CACHE_DIR", str(tmp_path))
+    first = native.build()
+    assert first.parent == tmp_path and first.exists()
+    modified = tmp_path / "depthwise.cc"
+    modified.write_text(native.SOURCE.read_text() + "\n// changed\n")
+    assert native.build(modified) != first  # A changed source builds anew...
+    assert native.build() == first  # ...and the original is served from the cache.
