@@ -6,8 +6,9 @@ ships, into a per-user cache keyed by the source, jax version and compiler; late
 the cached library. Without a compiler, or with ``KFOR1_NATIVE=0``, every caller falls back to
 its pure-JAX path (same results), with one warning saying why.
 
-Only the depthwise convolution lives here: XLA:CPU's code for it is load-bound (see
-``benchmarks/README.md``), and it is a quarter to a third of an EfficientNet step on CPU.
+Only the depthwise convolution (forward, and its kernel gradient) lives here: XLA:CPU's code for
+it is load-bound (see ``benchmarks/README.md``), and it is a quarter to a third of an
+EfficientNet step on CPU.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import warnings
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 SOURCE = Path(__file__).with_name("csrc") / "depthwise.cc"
 TARGET = "kfor1_depthwise_conv"
+GRAD_TARGET = "kfor1_depthwise_kernel_grad"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -85,9 +88,9 @@ def depthwise_available() -> bool:
         return False
     try:
         library = ctypes.cdll.LoadLibrary(str(build()))
-        jax.ffi.register_ffi_target(
-            TARGET, jax.ffi.pycapsule(library.Kfor1DepthwiseConv), platform="cpu"
-        )
+        for name, symbol in ((TARGET, library.Kfor1DepthwiseConv),
+                             (GRAD_TARGET, library.Kfor1DepthwiseKernelGrad)):
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
         warnings.warn(
             f"kfor1: the compiled depthwise convolution is unavailable ({error}); using the "
@@ -125,3 +128,23 @@ def depthwise_conv(
         sh=np.int64(strides[0]), sw=np.int64(strides[1]), pt=np.int64(pads[0][0]),
         pl=np.int64(pads[1][0]), affine=affine, relu6=relu6,
     )
+
+
+def depthwise_kernel_grad(
+    x: jax.Array,
+    dy: jax.Array,
+    kernel_shape: tuple[int, ...],
+    strides: tuple[int, int],
+    pads: tuple[tuple[int, int], tuple[int, int]],
+) -> jax.Array:
+    """The gradient of ``depthwise_conv`` with respect to its ``(kh, kw, 1, C)`` kernel, summed
+    in double precision over the batch: float32 ``x`` and ``dy`` on the CPU."""
+    kh, kw, _, c = kernel_shape
+    call = jax.ffi.ffi_call(
+        GRAD_TARGET, jax.ShapeDtypeStruct((kh, kw, c), jnp.float32), vmap_method="sequential"
+    )
+    grad = call(
+        x, dy, sh=np.int64(strides[0]), sw=np.int64(strides[1]), pt=np.int64(pads[0][0]),
+        pl=np.int64(pads[1][0]),
+    )
+    return grad.reshape(kernel_shape)

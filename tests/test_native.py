@@ -9,6 +9,7 @@ from pathlib import Path
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from kfor1 import layers, native
@@ -119,3 +120,23 @@ def test_a_build_is_cached_per_source(tmp_path, monkeypatch):
     modified.write_text(native.SOURCE.read_text() + "\n// changed\n")
     assert native.build(modified) != first  # A changed source builds anew...
     assert native.build() == first  # ...and the original is served from the cache.
+
+
+@pytest.mark.parametrize("shape,k,stride,padding", CASES)
+def test_native_kernel_gradient_equals_the_pure_jax_gradient(available, shape, k, stride, padding):
+    x, kernel, _, _ = _inputs(shape, k, seed=1)
+    x = x + 2.0  # A large mean, where float32 sums lose the most.
+    pads = layers.resolve_padding(padding, shape[1:3], (k, k), (stride, stride))
+    out_shape = layers._shifted_sum(layers._pad_nhwc(x, pads), kernel, (stride, stride)).shape
+    dy = jax.random.normal(jax.random.key(2), out_shape)
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), pads[0], pads[1], (0, 0)))
+    oh, ow = out_shape[1:3]
+    expected = np.stack([
+        np.sum(
+            xp[:, i:i + (oh - 1) * stride + 1:stride, j:j + (ow - 1) * stride + 1:stride]
+            * np.asarray(dy, np.float64), axis=(0, 1, 2),
+        )
+        for i in range(k) for j in range(k)
+    ]).reshape(kernel.shape)
+    grad = native.depthwise_kernel_grad(x, dy, kernel.shape, (stride, stride), pads)
+    np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -141,6 +142,113 @@ struct Shared {
   std::condition_variable cv;
 };
 
+// Runs fn(worker, begin, end) over [0, total) in chunks on the calling thread and the pool's
+// threads; returns when every chunk is done. Unstarted pool tasks find no work and exit, so the
+// caller never waits on a thread that did not get to run.
+template <typename Fn>
+void parallel_rows(ffi::ThreadPool& pool, int64_t total, int64_t workers, Fn fn) {
+  const int64_t chunk = std::max<int64_t>(1, total / 64);
+  const int64_t chunks = (total + chunk - 1) / chunk;
+  auto shared = std::make_shared<Shared>();
+  auto work = [=](int64_t worker) {
+    Shared& s = *shared;
+    for (int64_t i; (i = s.next.fetch_add(1)) < chunks;) {
+      fn(worker, i * chunk, std::min(total, (i + 1) * chunk));
+      if (s.done.fetch_add(1) + 1 == chunks) {
+        std::lock_guard<std::mutex> lock(s.mu);
+        s.cv.notify_all();
+      }
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(workers, chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work, t] { work(t + 1); });
+  work(0);
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->cv.wait(lock, [&] { return shared->done.load() == chunks; });
+}
+
+// Kernel gradient: dk[i, j, c] = sum over n, oh, ow of x[n, oh*sh - pt + i, ow*sw - pl + j, c] *
+// dy[n, oh, ow, c]. Each output row accumulates in registers (one vector per tap), rows add into
+// a per-worker double-precision buffer, and the workers' buffers are summed at the end.
+template <int KH, int KW>
+void kernel_grad_rows(const Geometry& g, const float* x, const float* dy, double* acc_out,
+                      int64_t row_begin, int64_t row_end) {
+  const int kh = KH > 0 ? KH : g.kh, kw = KW > 0 ? KW : g.kw;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t n = r / g.oh, oh = r % g.oh;
+    const int64_t ih0 = oh * g.sh - g.pt;
+    const float* dyrow = dy + r * g.ow * g.c;
+    const float* ximg = x + n * g.h * g.w * g.c;
+    int64_t c0 = 0;
+    for (; c0 + V <= g.c; c0 += V) {
+      vf acc[(KH > 0 ? KH : 7) * (KW > 0 ? KW : 7)];
+      for (int t = 0; t < kh * kw; ++t) acc[t] = vf{};
+      for (int64_t ow = 0; ow < g.ow; ++ow) {
+        const vf d = load(dyrow + ow * g.c + c0);
+        const int64_t iw0 = ow * g.sw - g.pl;
+        for (int i = 0; i < kh; ++i) {
+          const int64_t ih = ih0 + i;
+          if (ih < 0 || ih >= g.h) continue;
+          const float* xr = ximg + ih * g.w * g.c + c0;
+          for (int j = 0; j < kw; ++j) {
+            const int64_t iw = iw0 + j;
+            if (iw < 0 || iw >= g.w) continue;
+            acc[i * kw + j] += load(xr + iw * g.c) * d;
+          }
+        }
+      }
+      for (int t = 0; t < kh * kw; ++t)
+        for (int v = 0; v < V; ++v) acc_out[t * g.c + c0 + v] += acc[t][v];
+    }
+    for (; c0 < g.c; ++c0) {
+      for (int64_t ow = 0; ow < g.ow; ++ow) {
+        const float d = dyrow[ow * g.c + c0];
+        const int64_t iw0 = ow * g.sw - g.pl;
+        for (int i = 0; i < kh; ++i) {
+          const int64_t ih = ih0 + i;
+          if (ih < 0 || ih >= g.h) continue;
+          for (int j = 0; j < kw; ++j) {
+            const int64_t iw = iw0 + j;
+            if (iw < 0 || iw >= g.w) continue;
+            acc_out[(i * kw + j) * g.c + c0] += ximg[(ih * g.w + iw) * g.c + c0] * d;
+          }
+        }
+      }
+    }
+  }
+}
+
+ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk,
+                               int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+  auto xd = x.dimensions(), yd = dy.dimensions(), kd = dk->dimensions();
+  if (xd.size() != 4 || yd.size() != 4 || kd.size() != 3 || kd[2] != xd[3] ||
+      yd[3] != xd[3] || yd[0] != xd[0])
+    return ffi::Error::InvalidArgument(
+        "kfor1 depthwise kernel gradient: expected x (N,H,W,C), dy (N,OH,OW,C), dk (kh,kw,C)");
+  Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], sh, sw, pt, pl, yd[1], yd[2], false, false};
+  if (g.kh > 7 || g.kw > 7)
+    return ffi::Error::InvalidArgument("kfor1 depthwise: kernels up to 7x7");
+  const int64_t size = g.kh * g.kw * g.c;
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
+  std::vector<double> partial(workers * size, 0.0);
+  auto fn = (g.kh == 3 && g.kw == 3)   ? kernel_grad_rows<3, 3>
+            : (g.kh == 5 && g.kw == 5) ? kernel_grad_rows<5, 5>
+                                       : kernel_grad_rows<0, 0>;
+  const float *xp = x.typed_data(), *dp = dy.typed_data();
+  double* buffers = partial.data();
+  parallel_rows(pool, g.n * g.oh, workers, [=](int64_t worker, int64_t begin, int64_t end) {
+    fn(g, xp, dp, buffers + worker * size, begin, end);
+  });
+  float* out = dk->typed_data();
+  for (int64_t e = 0; e < size; ++e) {
+    double sum = 0.0;
+    for (int64_t w = 0; w < workers; ++w) sum += partial[w * size + e];
+    out[e] = static_cast<float>(sum);
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                      ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
                      ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
@@ -157,28 +265,23 @@ ffi::Error Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   const float *sp = scale.typed_data(), *bp = shift.typed_data();
   float* yp = y->typed_data();
   RowFn fn = pick(g.kh, g.kw, g.sw);
-  const int64_t total = g.n * g.oh;
-  const int64_t chunk = std::max<int64_t>(1, total / 64);
-  const int64_t chunks = (total + chunk - 1) / chunk;
-  auto shared = std::make_shared<Shared>();
-  auto work = [=](Shared& s) {
-    for (int64_t i; (i = s.next.fetch_add(1)) < chunks;) {
-      fn(g, xp, kp, sp, bp, yp, i * chunk, std::min(total, (i + 1) * chunk));
-      if (s.done.fetch_add(1) + 1 == chunks) {
-        std::lock_guard<std::mutex> lock(s.mu);
-        s.cv.notify_all();
-      }
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([shared, work] { work(*shared); });
-  work(*shared);
-  std::unique_lock<std::mutex> lock(shared->mu);
-  shared->cv.wait(lock, [&] { return shared->done.load() == chunks; });
+  parallel_rows(pool, g.n * g.oh, std::max<int64_t>(1, pool.num_threads()),
+                [=](int64_t, int64_t begin, int64_t end) { fn(g, xp, kp, sp, bp, yp, begin, end); });
   return ffi::Error::Success();
 }
 
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Kfor1DepthwiseKernelGrad, DepthwiseKernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Kfor1DepthwiseConv, Depthwise,
                               ffi::Ffi::Bind()
