@@ -120,7 +120,7 @@ def depthwise_conv(
     affine = scale is not None
     ones = np.ones((c,), np.float32)
     call = jax.ffi.ffi_call(
-        TARGET, jax.ShapeDtypeStruct((n, out_h, out_w, c), x.dtype), vmap_method="sequential"
+        TARGET, jax.ShapeDtypeStruct((n, out_h, out_w, c), x.dtype), vmap_method="broadcast_all"
     )
     return call(
         x, kernel.reshape(kh, kw, c),
@@ -141,7 +141,7 @@ def depthwise_kernel_grad(
     in double precision over the batch: float32 ``x`` and ``dy`` on the CPU."""
     kh, kw, _, c = kernel_shape
     call = jax.ffi.ffi_call(
-        GRAD_TARGET, jax.ShapeDtypeStruct((kh, kw, c), jnp.float32), vmap_method="sequential"
+        GRAD_TARGET, jax.ShapeDtypeStruct((kh, kw, c), jnp.float32), vmap_method="broadcast_all"
     )
     grad = call(
         x, dy, sh=np.int64(strides[0]), sw=np.int64(strides[1]), pt=np.int64(pads[0][0]),

@@ -74,6 +74,17 @@ def test_native_kernel_under_jit_and_vmap(available):
         jax.vmap(one, in_axes=(0, None))(x, kernel),
         jax.vmap(reference, in_axes=(0, None))(x, kernel), atol=1e-5,
     )
+    nested = jax.vmap(jax.vmap(one, in_axes=(0, None)), in_axes=(None, 0))(x, kernels)
+    chex.assert_trees_all_close(
+        nested, jax.vmap(jax.vmap(reference, in_axes=(0, None)), in_axes=(None, 0))(x, kernels),
+        atol=1e-5,
+    )
+    dy = jax.random.normal(jax.random.key(5), x.shape)
+    grads = jax.vmap(lambda x, d: native.depthwise_kernel_grad(x, d, kernel.shape, (1, 1), pads))
+    expected = jax.vmap(
+        lambda x, d: jax.vjp(lambda k: reference(x, k), kernel)[1](d)[0]
+    )(x, dy)
+    chex.assert_trees_all_close(grads(x, dy), expected, atol=1e-4, rtol=1e-5)
 
 
 _FALLBACK = """

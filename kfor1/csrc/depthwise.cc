@@ -22,10 +22,22 @@ namespace {
 constexpr int V = 16;
 typedef float vf __attribute__((vector_size(V * sizeof(float))));
 
+// Images are x's leading dimensions flattened (vmap over tasks adds one); each group of
+// `per_kernel` consecutive images has its own kernel (and affine) when `kernel_stride` (and
+// `affine_stride`) are non-zero, or shares one.
 struct Geometry {
   int64_t n, h, w, c, kh, kw, sh, sw, pt, pl, oh, ow;
   bool affine, relu6;
+  int64_t per_kernel = 1, kernel_stride = 0, affine_stride = 0;
 };
+
+// Leading dimensions of a buffer of rank >= `inner`, multiplied out.
+template <typename Dims>
+int64_t leading(const Dims& d, size_t inner) {
+  int64_t p = 1;
+  for (size_t i = 0; i + inner < d.size(); ++i) p *= d[i];
+  return p;
+}
 
 inline vf load(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof(vf)); return v; }
 inline void store(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(vf)); }
@@ -60,14 +72,18 @@ inline void interior(const Geometry& g, const float* ximg, int64_t ih0, int64_t 
 }
 
 template <int KH, int KW, int SW>
-void rows(const Geometry& g, const float* x, const float* k, const float* scale,
-          const float* shift, float* y, int64_t row_begin, int64_t row_end) {
+void rows(const Geometry& g, const float* x, const float* k_all, const float* scale_all,
+          const float* shift_all, float* y, int64_t row_begin, int64_t row_end) {
   const int kh = KH > 0 ? KH : g.kh, kw = KW > 0 ? KW : g.kw;
   for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t n = r / g.oh, oh = r % g.oh;
     const int64_t ih0 = oh * g.sh - g.pt;
     float* yrow = y + r * g.ow * g.c;
     const float* ximg = x + n * g.h * g.w * g.c;
+    const int64_t group = n / g.per_kernel;
+    const float* k = k_all + group * g.kernel_stride;
+    const float* scale = scale_all + group * g.affine_stride;
+    const float* shift = shift_all + group * g.affine_stride;
     int64_t c0 = 0;
     for (; c0 + V <= g.c; c0 += V) {
       vf wv[(KH > 0 ? KH : 7) * (KW > 0 ? KW : 7)];
@@ -171,7 +187,7 @@ void parallel_rows(ffi::ThreadPool& pool, int64_t total, int64_t workers, Fn fn)
 // dy[n, oh, ow, c]. Each output row accumulates in registers (one vector per tap), rows add into
 // a per-worker double-precision buffer, and the workers' buffers are summed at the end.
 template <int KH, int KW>
-void kernel_grad_rows(const Geometry& g, const float* x, const float* dy, double* acc_out,
+void kernel_grad_rows(const Geometry& g, const float* x, const float* dy, double* acc_all,
                       int64_t row_begin, int64_t row_end) {
   const int kh = KH > 0 ? KH : g.kh, kw = KW > 0 ? KW : g.kw;
   for (int64_t r = row_begin; r < row_end; ++r) {
@@ -179,6 +195,7 @@ void kernel_grad_rows(const Geometry& g, const float* x, const float* dy, double
     const int64_t ih0 = oh * g.sh - g.pt;
     const float* dyrow = dy + r * g.ow * g.c;
     const float* ximg = x + n * g.h * g.w * g.c;
+    double* acc_out = acc_all + (n / g.per_kernel) * g.kernel_stride;
     int64_t c0 = 0;
     for (; c0 + V <= g.c; c0 += V) {
       vf acc[(KH > 0 ? KH : 7) * (KW > 0 ? KW : 7)];
@@ -222,14 +239,20 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk,
                                int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
   auto xd = x.dimensions(), yd = dy.dimensions(), kd = dk->dimensions();
-  if (xd.size() != 4 || yd.size() != 4 || kd.size() != 3 || kd[2] != xd[3] ||
-      yd[3] != xd[3] || yd[0] != xd[0])
+  const size_t xr = xd.size(), yr = yd.size(), kr = kd.size();
+  if (xr < 4 || yr != xr || kr != xr - 1 || kd[kr - 1] != xd[xr - 1] ||
+      yd[yr - 1] != xd[xr - 1] || leading(yd, 3) != leading(xd, 3) ||
+      leading(kd, 3) != leading(xd, 4))
     return ffi::Error::InvalidArgument(
-        "kfor1 depthwise kernel gradient: expected x (N,H,W,C), dy (N,OH,OW,C), dk (kh,kw,C)");
-  Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], sh, sw, pt, pl, yd[1], yd[2], false, false};
+        "kfor1 depthwise kernel gradient: expected x (...,N,H,W,C), dy (...,N,OH,OW,C), "
+        "dk (...,kh,kw,C)");
+  Geometry g{leading(xd, 3), xd[xr - 3], xd[xr - 2], xd[xr - 1], kd[kr - 3], kd[kr - 2],
+             sh, sw, pt, pl, yd[yr - 3], yd[yr - 2], false, false};
+  g.per_kernel = xd[xr - 4];
+  g.kernel_stride = g.kh * g.kw * g.c;
   if (g.kh > 7 || g.kw > 7)
     return ffi::Error::InvalidArgument("kfor1 depthwise: kernels up to 7x7");
-  const int64_t size = g.kh * g.kw * g.c;
+  const int64_t size = leading(kd, 3) * g.kh * g.kw * g.c;
   const int64_t workers = std::max<int64_t>(1, pool.num_threads());
   std::vector<double> partial(workers * size, 0.0);
   auto fn = (g.kh == 3 && g.kw == 3)   ? kernel_grad_rows<3, 3>
@@ -254,11 +277,24 @@ ffi::Error Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
                      ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
                      int64_t pl, bool affine, bool relu6) {
   auto xd = x.dimensions(), yd = y->dimensions(), kd = k.dimensions();
-  if (xd.size() != 4 || yd.size() != 4 || kd.size() != 3 || kd[2] != xd[3] || yd[3] != xd[3] ||
-      yd[0] != xd[0] || scale.element_count() != xd[3] || shift.element_count() != xd[3])
+  const size_t xr = xd.size(), yr = yd.size(), kr = kd.size();
+  if (xr < 4 || yr != xr || kr < 3 || kd[kr - 1] != xd[xr - 1] || yd[yr - 1] != xd[xr - 1] ||
+      leading(yd, 3) != leading(xd, 3))
     return ffi::Error::InvalidArgument(
-        "kfor1 depthwise: expected x (N,H,W,C), k (kh,kw,C), scale and shift (C), y (N,OH,OW,C)");
-  Geometry g{xd[0], xd[1], xd[2], xd[3], kd[0], kd[1], sh, sw, pt, pl, yd[1], yd[2], affine, relu6};
+        "kfor1 depthwise: expected x (...,N,H,W,C), k (...,kh,kw,C), y (...,N,OH,OW,C)");
+  const int64_t groups = leading(xd, 4), c = xd[xr - 1];
+  const int64_t kernel_groups = leading(kd, 3);
+  const int64_t affine_groups = scale.element_count() / c;
+  if ((kernel_groups != 1 && kernel_groups != groups) || scale.element_count() % c != 0 ||
+      (affine_groups != 1 && affine_groups != groups) ||
+      shift.element_count() != scale.element_count())
+    return ffi::Error::InvalidArgument(
+        "kfor1 depthwise: kernel, scale and shift must have x's leading dimensions or none");
+  Geometry g{leading(xd, 3), xd[xr - 3], xd[xr - 2], c, kd[kr - 3], kd[kr - 2],
+             sh, sw, pt, pl, yd[yr - 3], yd[yr - 2], affine, relu6};
+  g.per_kernel = xd[xr - 4];
+  g.kernel_stride = kernel_groups == 1 ? 0 : g.kh * g.kw * c;
+  g.affine_stride = affine_groups == 1 ? 0 : c;
   if (g.kh > 7 || g.kw > 7)
     return ffi::Error::InvalidArgument("kfor1 depthwise: kernels up to 7x7");
   const float *xp = x.typed_data(), *kp = k.typed_data();
