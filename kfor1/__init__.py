@@ -11,8 +11,9 @@ Public API:
 - multi-task training: ``Task``, ``init_multitask``, ``task_variables``, ``make_train_step``,
   ``make_eval_step``, ``make_predict_fn`` (inference in micro-batches: ``kfor1.microbatch``);
 - devices: ``make_mesh``, ``shard_state``, ``shard_batch``;
-- layers: ``kfor1.layers`` (backend-chosen depthwise, 1x1 and stem convolutions) and
-  ``kfor1.norm`` (``BatchNorm``: Flax's, with a closed-form training gradient).
+- layers: ``kfor1.layers`` (backend-chosen depthwise, 1x1 and stem convolutions; on CPU the
+  depthwise kernels are compiled on first use, ``kfor1.native``) and ``kfor1.norm``
+  (``BatchNorm``: Flax's, with a closed-form training gradient).
 """
 
 from kfor1 import layers, microbatch, models, norm

@@ -17,6 +17,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,19 @@ def cache_dir() -> Path:
     return Path(base) / "kfor1"
 
 
+def _cpu_signature() -> str:
+    """What ``-march=native`` compiles for: a library cached in a shared home directory must not
+    be loaded on a CPU without the instructions it uses."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()}"
+
+
 def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
@@ -58,7 +72,7 @@ def build(source: Path = SOURCE) -> Path:
     text = source.read_bytes()
     key = hashlib.sha256(
         b"\0".join([text, jax.__version__.encode(), compiler.encode(), " ".join(FLAGS).encode(),
-                    sys.platform.encode()])
+                    sys.platform.encode(), _cpu_signature().encode()])
     ).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
