@@ -251,7 +251,7 @@ def make_eval_step(
     """Returns ``eval_step(state, batch) -> metrics`` with per-task sums of shape (K,):
     ``loss_sum``, ``correct`` and ``count``. An optional ``mask`` (K, B) in the batch marks real
     examples, so the last, padded batch of an epoch counts correctly. Each task's batch runs in
-    chunks of ``micro_batch`` images (``kfor1.microbatch``: "auto" is 16 on CPU, whole elsewhere).
+    chunks of ``micro_batch`` images (``kfor1.microbatch``: "auto" splits CPU batches of 64+).
     """
 
     def step(state: MultiTaskState, batch: Any) -> dict[str, jax.Array]:

@@ -8,7 +8,12 @@ import pytest
 from tiny_models import TinyCNN
 
 import kfor1
-from kfor1.microbatch import CPU_MICRO_BATCH, map_micro_batches, resolve_micro_batch
+from kfor1.microbatch import (
+    CPU_MICRO_BATCH,
+    CPU_MIN_BATCH,
+    map_micro_batches,
+    resolve_micro_batch,
+)
 
 
 def _model_and_variables(num_classes=5):
@@ -40,16 +45,18 @@ def test_pytree_outputs_and_vmap_over_tasks():
     chex.assert_trees_all_close(out, jax.vmap(fn)(x))
 
 
-def test_auto_micro_batches_on_cpu_only(monkeypatch):
-    assert resolve_micro_batch("auto") == CPU_MICRO_BATCH  # The tests run on CPU.
+def test_auto_micro_batches_large_batches_on_cpu_only(monkeypatch):
+    assert resolve_micro_batch("auto", CPU_MIN_BATCH) == CPU_MICRO_BATCH  # Tests run on CPU.
+    assert resolve_micro_batch("auto", CPU_MIN_BATCH - 1) is None
+    assert resolve_micro_batch(8, 8) is None  # One chunk is the whole batch.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert resolve_micro_batch("auto") is None
+    assert resolve_micro_batch("auto", 1024) is None
 
 
-@pytest.mark.parametrize("bad", [0, -2, 2.5, "eight"])
+@pytest.mark.parametrize("bad", [0, -2, 2.5, "eight", True])
 def test_bad_micro_batch_says_what_is_allowed(bad):
     with pytest.raises(ValueError, match="positive int, None"):
-        resolve_micro_batch(bad)
+        resolve_micro_batch(bad, 32)
 
 
 def test_predict_and_eval_step_are_unchanged_by_micro_batching():

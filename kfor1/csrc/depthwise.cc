@@ -4,12 +4,13 @@
 // Why: XLA:CPU's loop for the same sum of shifted multiply-adds loads a weight vector for every
 // tap of every output vector and is load-bound (29-51 GMAC/s on 2 AMD EPYC cores); here each
 // 16-channel block keeps its kh*kw weight vectors in registers across a whole output row.
-// Built on first use by kfor1/native.py; rows are spread over the machine's cores.
+// Built on first use by kfor1/native.py; rows are spread over XLA's intra-op thread pool.
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
-#include <thread>
+#include <mutex>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -150,26 +151,36 @@ RowFn pick(int64_t kh, int64_t kw, int64_t sw) {
   return rows<0, 0, 0>;
 }
 
-// Runs fn(worker, begin, end) over [0, total) in chunks on the calling thread and `workers - 1`
-// threads of its own, and returns when all are done. Not XLA's intra-op pool: inside a while
-// loop (lax.map over micro-batches) its tasks did not get to run, and the kernels ran on one core.
+struct Shared {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+// Runs fn(worker, begin, end) over [0, total) in chunks on the calling thread and the pool's
+// threads; returns when every chunk is done. Unstarted pool tasks find no work and exit, so the
+// caller never waits on a thread that did not get to run.
 template <typename Fn>
-void parallel_rows(int64_t total, int64_t workers, Fn fn) {
+void parallel_rows(ffi::ThreadPool& pool, int64_t total, int64_t workers, Fn fn) {
   const int64_t chunk = std::max<int64_t>(1, total / 64);
   const int64_t chunks = (total + chunk - 1) / chunk;
-  std::atomic<int64_t> next{0};
-  auto work = [&](int64_t worker) {
-    for (int64_t i; (i = next.fetch_add(1)) < chunks;)
+  auto shared = std::make_shared<Shared>();
+  auto work = [=](int64_t worker) {
+    Shared& s = *shared;
+    for (int64_t i; (i = s.next.fetch_add(1)) < chunks;) {
       fn(worker, i * chunk, std::min(total, (i + 1) * chunk));
+      if (s.done.fetch_add(1) + 1 == chunks) {
+        std::lock_guard<std::mutex> lock(s.mu);
+        s.cv.notify_all();
+      }
+    }
   };
-  std::vector<std::thread> helpers;
-  for (int64_t t = 1; t < std::min(workers, chunks); ++t) helpers.emplace_back(work, t);
+  const int64_t helpers = std::min<int64_t>(workers, chunks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work, t] { work(t + 1); });
   work(0);
-  for (auto& h : helpers) h.join();
-}
-
-int64_t worker_count() {
-  return std::max<int64_t>(1, static_cast<int64_t>(std::thread::hardware_concurrency()));
+  std::unique_lock<std::mutex> lock(shared->mu);
+  shared->cv.wait(lock, [&] { return shared->done.load() == chunks; });
 }
 
 // Kernel gradient: dk[i, j, c] = sum over n, oh, ow of x[n, oh*sh - pt + i, ow*sw - pl + j, c] *
@@ -224,7 +235,7 @@ void kernel_grad_rows(const Geometry& g, const float* x, const float* dy, double
   }
 }
 
-ffi::Error DepthwiseKernelGrad(ffi::Buffer<ffi::F32> x,
+ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk,
                                int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
   auto xd = x.dimensions(), yd = dy.dimensions(), kd = dk->dimensions();
@@ -242,14 +253,14 @@ ffi::Error DepthwiseKernelGrad(ffi::Buffer<ffi::F32> x,
   if (g.kh > 7 || g.kw > 7)
     return ffi::Error::InvalidArgument("kfor1 depthwise: kernels up to 7x7");
   const int64_t size = leading(kd, 3) * g.kh * g.kw * g.c;
-  const int64_t workers = worker_count();
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
   std::vector<double> partial(workers * size, 0.0);
   auto fn = (g.kh == 3 && g.kw == 3)   ? kernel_grad_rows<3, 3>
             : (g.kh == 5 && g.kw == 5) ? kernel_grad_rows<5, 5>
                                        : kernel_grad_rows<0, 0>;
   const float *xp = x.typed_data(), *dp = dy.typed_data();
   double* buffers = partial.data();
-  parallel_rows(g.n * g.oh, workers, [=](int64_t worker, int64_t begin, int64_t end) {
+  parallel_rows(pool, g.n * g.oh, workers, [=](int64_t worker, int64_t begin, int64_t end) {
     fn(g, xp, dp, buffers + worker * size, begin, end);
   });
   float* out = dk->typed_data();
@@ -261,7 +272,7 @@ ffi::Error DepthwiseKernelGrad(ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-ffi::Error Depthwise(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+ffi::Error Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                      ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
                      ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
                      int64_t pl, bool affine, bool relu6) {
@@ -290,7 +301,7 @@ ffi::Error Depthwise(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
   const float *sp = scale.typed_data(), *bp = shift.typed_data();
   float* yp = y->typed_data();
   RowFn fn = pick(g.kh, g.kw, g.sw);
-  parallel_rows(g.n * g.oh, worker_count(),
+  parallel_rows(pool, g.n * g.oh, std::max<int64_t>(1, pool.num_threads()),
                 [=](int64_t, int64_t begin, int64_t end) { fn(g, xp, kp, sp, bp, yp, begin, end); });
   return ffi::Error::Success();
 }
@@ -299,6 +310,7 @@ ffi::Error Depthwise(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Kfor1DepthwiseKernelGrad, DepthwiseKernelGrad,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -309,6 +321,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Kfor1DepthwiseKernelGrad, DepthwiseKernelGrad,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Kfor1DepthwiseConv, Depthwise,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
