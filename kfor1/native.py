@@ -6,9 +6,9 @@ ships, into a per-user cache keyed by the source, jax version and compiler; late
 the cached library. Without a compiler, or with ``KFOR1_NATIVE=0``, every caller falls back to
 its pure-JAX path (same results), with one warning saying why.
 
-Only the depthwise convolution (forward, and its kernel gradient) lives here: XLA:CPU's code for
-it is load-bound (see ``benchmarks/README.md``), and it is a quarter to a third of an
-EfficientNet step on CPU.
+The depthwise convolution (forward, and its kernel gradient) lives here: XLA:CPU's code for it
+is load-bound (see ``benchmarks/README.md``), and it is a quarter to a third of an EfficientNet
+step on CPU. So do BatchNorm's paired channel sums, one pass where XLA makes two.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import numpy as np
 SOURCE = Path(__file__).with_name("csrc") / "depthwise.cc"
 TARGET = "kfor1_depthwise_conv"
 GRAD_TARGET = "kfor1_depthwise_kernel_grad"
+SUMS_TARGET = "kfor1_channel_sums"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -103,7 +104,8 @@ def depthwise_available() -> bool:
     try:
         library = ctypes.cdll.LoadLibrary(str(build()))
         for name, symbol in ((TARGET, library.Kfor1DepthwiseConv),
-                             (GRAD_TARGET, library.Kfor1DepthwiseKernelGrad)):
+                             (GRAD_TARGET, library.Kfor1DepthwiseKernelGrad),
+                             (SUMS_TARGET, library.Kfor1ChannelSums)):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
         warnings.warn(
@@ -162,3 +164,13 @@ def depthwise_kernel_grad(
         pl=np.int64(pads[1][0]),
     )
     return grad.reshape(kernel_shape)
+
+
+def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(sum(a), sum(a * b))`` over every axis but the last, in one pass over float32 ``a`` and
+    ``b`` of one shape (BatchNorm's ``sum(x), sum(x * x)`` and ``sum(dy), sum(dy * x)``), summed
+    in double precision."""
+    c = a.shape[-1]
+    out = jax.ShapeDtypeStruct((c,), jnp.float32)
+    call = jax.ffi.ffi_call(SUMS_TARGET, (out, out), vmap_method="broadcast_all")
+    return tuple(call(a, b, inner_rank=np.int64(a.ndim - 1)))

@@ -151,3 +151,20 @@ def test_native_kernel_gradient_equals_the_pure_jax_gradient(available, shape, k
     ]).reshape(kernel.shape)
     grad = native.depthwise_kernel_grad(x, dy, kernel.shape, (stride, stride), pads)
     np.testing.assert_allclose(np.asarray(grad), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 6, 40), (2, 3, 20), (7, 16), (3, 2, 4, 4, 1152)])
+def test_channel_sums_in_one_pass(available, shape):
+    """BatchNorm's paired sums, sum(a) and sum(a * b) per channel, against float64."""
+    ka, kb = jax.random.split(jax.random.key(len(shape)))
+    a = jax.random.normal(ka, shape) + 3.0
+    b = jax.random.normal(kb, shape)
+    total, product = native.channel_sums(a, b)
+    axes = tuple(range(len(shape) - 1))
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    np.testing.assert_allclose(np.asarray(total), a64.sum(axes), rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(product), (a64 * b64).sum(axes), rtol=1e-6, atol=1e-4)
+    per_row = jax.vmap(native.channel_sums)(a, b)  # vmap: sums per leading index.
+    chex.assert_trees_all_close(
+        per_row, (a.sum(axes[1:]), (a * b).sum(axes[1:])), atol=1e-3, rtol=1e-5
+    )

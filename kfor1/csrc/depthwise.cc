@@ -306,7 +306,85 @@ ffi::Error Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+// Per-channel sums of a and of a * b over the `inner` rows of each group (for BatchNorm:
+// sum(x) and sum(x * x), or sum(dy) and sum(dy * x)), in one pass over both inputs. a and b are
+// (groups, inner, C) in memory; the sums (groups, C) are accumulated in double precision.
+ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                       ffi::ResultBuffer<ffi::F32> sum_a, ffi::ResultBuffer<ffi::F32> sum_ab,
+                       int64_t inner_rank) {
+  auto ad = a.dimensions();
+  const size_t rank = ad.size();
+  if (rank < 1 || b.element_count() != a.element_count() ||
+      static_cast<size_t>(inner_rank) + 1 > rank)
+    return ffi::Error::InvalidArgument("kfor1 channel sums: a and b of one shape (..., C)");
+  const int64_t c = ad[rank - 1];
+  int64_t inner = 1;
+  for (size_t i = rank - 1 - inner_rank; i + 1 < rank; ++i) inner *= ad[i];
+  const int64_t groups = c == 0 || inner == 0 ? 0 : a.element_count() / (inner * c);
+  if (sum_a->element_count() != groups * c || sum_ab->element_count() != groups * c)
+    return ffi::Error::InvalidArgument("kfor1 channel sums: outputs must be (..., C)");
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
+  const int64_t size = groups * c;
+  std::vector<double> partial(workers * size * 2, 0.0);
+  const float *ap = a.typed_data(), *bp = b.typed_data();
+  double* buffers = partial.data();
+  const int64_t rows_per_block = 64;
+  const int64_t blocks_per_group = (inner + rows_per_block - 1) / rows_per_block;
+  parallel_rows(pool, groups * blocks_per_group, workers,
+                [=](int64_t worker, int64_t begin, int64_t end) {
+    double* out = buffers + worker * size * 2;
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t group = blk / blocks_per_group;
+      const int64_t r0 = (blk % blocks_per_group) * rows_per_block;
+      const int64_t r1 = std::min(inner, r0 + rows_per_block);
+      const float* ag = ap + group * inner * c;
+      const float* bg = bp + group * inner * c;
+      double* sa = out + group * c;
+      double* sab = out + size + group * c;
+      int64_t c0 = 0;
+      for (; c0 + V <= c; c0 += V) {
+        vf s1 = {}, s2 = {};
+        for (int64_t r = r0; r < r1; ++r) {
+          const vf va = load(ag + r * c + c0);
+          s1 += va;
+          s2 += va * load(bg + r * c + c0);
+        }
+        for (int v = 0; v < V; ++v) { sa[c0 + v] += s1[v]; sab[c0 + v] += s2[v]; }
+      }
+      for (; c0 < c; ++c0) {
+        float s1 = 0.f, s2 = 0.f;
+        for (int64_t r = r0; r < r1; ++r) {
+          s1 += ag[r * c + c0];
+          s2 += ag[r * c + c0] * bg[r * c + c0];
+        }
+        sa[c0] += s1;
+        sab[c0] += s2;
+      }
+    }
+  });
+  float *oa = sum_a->typed_data(), *oab = sum_ab->typed_data();
+  for (int64_t e = 0; e < size; ++e) {
+    double t1 = 0.0, t2 = 0.0;
+    for (int64_t w = 0; w < workers; ++w) {
+      t1 += partial[w * size * 2 + e];
+      t2 += partial[w * size * 2 + size + e];
+    }
+    oa[e] = static_cast<float>(t1);
+    oab[e] = static_cast<float>(t2);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Kfor1ChannelSums, ChannelSums,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("inner_rank"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Kfor1DepthwiseKernelGrad, DepthwiseKernelGrad,
                               ffi::Ffi::Bind()
