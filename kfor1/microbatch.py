@@ -1,4 +1,5 @@
-"""Inference over a large batch as a loop over small ones, so activations stay in cache.
+"""Work in chunks small enough that activations stay in cache: inference over a large batch
+as a loop over small ones, and a K-task training step over a few tasks at a time.
 
 In inference every image is independent (BatchNorm uses its running statistics), so a batch can
 run as a sequence of micro-batches. On CPU that pays for large batches: EfficientNet-Lite0's
@@ -12,7 +13,7 @@ out, which small batches do not win back; so ``"auto"`` splits CPU batches of at
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -20,9 +21,18 @@ import jax.numpy as jnp
 from jax import lax
 
 MicroBatch = int | None | Literal["auto"]
+TaskChunk = int | None | Literal["auto"]
 
 CPU_MICRO_BATCH = 16
 CPU_MIN_BATCH = 64
+CPU_TASK_CHUNK_IMAGES = 64
+
+
+def _check_size(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(
+            f"{name} must be a positive int, None (no chunks) or 'auto', got {value!r}"
+        )
 
 
 def resolve_micro_batch(micro_batch: MicroBatch, batch: int) -> int | None:
@@ -33,13 +43,7 @@ def resolve_micro_batch(micro_batch: MicroBatch, batch: int) -> int | None:
     if micro_batch == "auto":
         cpu = jax.default_backend() == "cpu"
         return CPU_MICRO_BATCH if cpu and batch >= CPU_MIN_BATCH else None
-    if micro_batch is not None and (
-        isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1
-    ):
-        raise ValueError(
-            f"micro_batch must be a positive int, None (whole batch) or 'auto', got "
-            f"{micro_batch!r}"
-        )
+    _check_size("micro_batch", micro_batch)
     return micro_batch if micro_batch is None or micro_batch < batch else None
 
 
@@ -60,3 +64,38 @@ def map_micro_batches(
         x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
     out = lax.map(fn, x.reshape(-1, size, *x.shape[1:]))
     return jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:])[:batch], out)
+
+
+def resolve_task_chunk(task_chunk: TaskChunk, num_tasks: int, per_task_batch: int) -> int | None:
+    """Tasks per chunk of a K-task training step; None trains all tasks in one ``vmap``.
+
+    ``"auto"``: on the CPU backend, as many tasks as make ``CPU_TASK_CHUNK_IMAGES`` images (at
+    least one); never on GPUs and TPUs, which want the whole batch.
+    """
+    if task_chunk == "auto":
+        if jax.default_backend() != "cpu":
+            return None
+        task_chunk = max(1, CPU_TASK_CHUNK_IMAGES // max(1, per_task_batch))
+    _check_size("task_chunk", task_chunk)
+    return task_chunk if task_chunk is not None and task_chunk < num_tasks else None
+
+
+def map_task_chunks(fn: Callable[..., Any], args: Sequence[Any], chunk: int | None) -> Any:
+    """``jax.vmap(fn)(*args)``, computed over ``chunk`` tasks (leading axis of ``args``) at a
+    time, one chunk after another, and concatenated.
+
+    Why: training steps cannot split a task's batch (BatchNorm's statistics need all of it),
+    but K tasks are independent. On 2 CPU cores an EfficientNet-Lite0 step over K=8 tasks of 32
+    images ran 7-9% faster per image in chunks of two tasks: one chunk's activations stay in
+    the 32 MB cache, eight tasks' do not. The chunks are unrolled in the compiled step, since
+    XLA:CPU runs a loop body with less parallelism (``lax.map`` over chunks: 20% slower than
+    one ``vmap``); compilation takes longer with every chunk.
+    """
+    n = jax.tree.leaves(args)[0].shape[0]
+    if chunk is None or chunk >= n:
+        return jax.vmap(fn)(*args)
+    outs = [
+        jax.vmap(fn)(*jax.tree.map(lambda a, i=i: a[i:i + chunk], args))
+        for i in range(0, n, chunk)
+    ]
+    return jax.tree.map(lambda *o: jnp.concatenate(o), *outs)

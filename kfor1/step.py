@@ -20,7 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kfor1.microbatch import MicroBatch, map_micro_batches
+from kfor1.microbatch import (
+    MicroBatch,
+    TaskChunk,
+    map_micro_batches,
+    map_task_chunks,
+    resolve_task_chunk,
+)
 from kfor1.multitask import Layout, MultiTaskState
 from kfor1.spec import flatten, unflatten
 
@@ -147,6 +153,7 @@ def make_train_step(
     train_kwarg: str = "train",
     max_traces: int | None = None,
     donate: bool = True,
+    task_chunk: TaskChunk = "auto",
 ) -> Callable[[MultiTaskState, Any, jax.Array], tuple[MultiTaskState, dict[str, jax.Array]]]:
     """Returns ``step(state, batch, rng) -> (state, metrics)``, jitted.
 
@@ -158,7 +165,14 @@ def make_train_step(
     BatchNorm runs in training mode, updating statistics, when the patch owns BN statistics or
     the shared backbone is trained (``train_shared=True``, with ``patch_optimizer(...,
     shared_tx=...)``); otherwise the network runs in inference mode with its frozen statistics.
+
+    ``task_chunk`` tasks run at a time inside the step (``kfor1.microbatch.map_task_chunks``;
+    same result as one ``vmap`` over all tasks). ``"auto"``: tasks making ~64 images per chunk
+    on CPU, where a chunk's activations stay in cache (K=8 x 32 images: +7-9% images/s, and
+    compilation 6 -> 17 s); all tasks at once elsewhere. None: all tasks at once.
     """
+    if task_chunk != "auto":
+        resolve_task_chunk(task_chunk, 1, 1)  # Rejects a bad value now, not at the first step.
 
     def step(state: MultiTaskState, batch: Any, rng: jax.Array):
         layout = state.layout
@@ -189,10 +203,11 @@ def make_train_step(
                     acc = jnp.mean(jnp.argmax(logits, -1) == y)
                     return loss, acc, new_stats
 
-                loss, acc, new_stats = jax.vmap(task_loss)(
+                chunk = resolve_task_chunk(task_chunk, len(idx), b["images"].shape[1])
+                loss, acc, new_stats = map_task_chunks(task_loss, (
                     _take(patch, idx, k), _take(split.patch_stats, idx, k),
                     b["images"], b["labels"], class_mask[index], keys[index],
-                )
+                ), chunk)
                 total = total + loss.sum()
                 losses = _place(losses, loss, idx, k)
                 accuracy = _place(accuracy, acc, idx, k)

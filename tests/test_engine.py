@@ -169,6 +169,35 @@ def test_k_tasks_equal_k_single_task_runs(tiny):
             assert not np.allclose(value[i], value[j]), path
 
 
+@pytest.mark.parametrize("train_shared", [False, True])
+def test_tasks_in_chunks_equal_all_tasks_at_once(tiny, train_shared):
+    """task_chunk=2 over 3 tasks (chunks of 2 and 1) computes the one-vmap step: patches, BN
+    statistics, metrics and, when the backbone trains, the shared update summed over chunks."""
+    tasks = [Task("a", 5), Task("b", 3), Task("c", 5)]
+    kwargs = dict(shared_tx=optax.sgd(0.1)) if train_shared else {}
+    optimizer, state0 = setup(tiny, "scale_bias+logits", tasks, **kwargs)
+    batches = [make_batch(s, (5, 3, 5)) for s in range(2)]
+    results = {}
+    for chunk in (None, 2):
+        step = make_train_step(TinyCNN(), optimizer, train_shared=train_shared, donate=False,
+                               task_chunk=chunk)
+        results[chunk] = train(step, state0, batches)
+    (state_one, losses_one), (state_chunks, losses_chunks) = results[None], results[2]
+    chex.assert_trees_all_close(losses_chunks, losses_one, **TOL)
+    chex.assert_trees_all_close(state_chunks.params, state_one.params, **TOL)
+    chex.assert_trees_all_close(state_chunks.batch_stats, state_one.batch_stats, **TOL)
+    chex.assert_trees_all_close(state_chunks.opt_state, state_one.opt_state, **TOL)
+    _, shared0 = split_flat(state0)
+    _, shared = split_flat(state_chunks)
+    assert any(not np.array_equal(shared[p], shared0[p]) for p in shared) == train_shared
+
+
+def test_bad_task_chunk_is_rejected_when_the_step_is_built(tiny):
+    optimizer, _ = setup(tiny, "logits", [Task("a", 5)])
+    with pytest.raises(ValueError, match="task_chunk must be a positive int"):
+        make_train_step(TinyCNN(), optimizer, task_chunk=0)
+
+
 def test_identical_tasks_get_identical_patches(tiny):
     _, state = setup(tiny, "scale_bias+logits", [Task("a", 5), Task("b", 5)])
     batch = make_batch(0, (5,))

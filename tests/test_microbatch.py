@@ -11,8 +11,11 @@ import kfor1
 from kfor1.microbatch import (
     CPU_MICRO_BATCH,
     CPU_MIN_BATCH,
+    CPU_TASK_CHUNK_IMAGES,
     map_micro_batches,
+    map_task_chunks,
     resolve_micro_batch,
+    resolve_task_chunk,
 )
 
 
@@ -73,3 +76,33 @@ def test_predict_and_eval_step_are_unchanged_by_micro_batching():
         kfor1.make_eval_step(model, micro_batch=4)(state, batch),
         kfor1.make_eval_step(model, micro_batch=None)(state, batch), atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("tasks,chunk", [(5, 2), (4, 4), (3, 1), (3, None)])
+def test_task_chunks_match_one_vmap(tasks, chunk):
+    x = jax.random.normal(jax.random.key(3), (tasks, 6, 4))
+    w = jax.random.normal(jax.random.key(4), (tasks, 4))
+
+    def fn(rows, weights):
+        return {"out": jnp.tanh(rows @ weights), "norm": jnp.sum(weights**2)}
+
+    out = jax.jit(lambda x, w: map_task_chunks(fn, (x, w), chunk))(x, w)
+    chex.assert_trees_all_close(out, jax.vmap(fn)(x, w), atol=1e-6)
+
+
+def test_auto_task_chunks_make_cpu_chunks_of_64_images(monkeypatch):
+    assert CPU_TASK_CHUNK_IMAGES == 64
+    assert resolve_task_chunk("auto", 8, 32) == 2
+    assert resolve_task_chunk("auto", 8, 16) == 4
+    assert resolve_task_chunk("auto", 8, 128) == 1  # A task is never split.
+    assert resolve_task_chunk("auto", 2, 32) is None  # One chunk holds every task.
+    assert resolve_task_chunk(3, 3, 32) is None
+    assert resolve_task_chunk(None, 8, 32) is None
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_task_chunk("auto", 8, 32) is None
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "two", False])
+def test_bad_task_chunk_says_what_is_allowed(bad):
+    with pytest.raises(ValueError, match="task_chunk must be a positive int, None"):
+        resolve_task_chunk(bad, 4, 32)
