@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.patch = "scale_bias+logits"
     c.head = ""  # '' = the last Dense layer.
     c.train_shared = False  # True: the backbone is trained jointly on the sum of task losses.
+    # Tasks per chunk of the training step: 0 = auto (~64 images a chunk on one CPU device, all
+    # tasks at once elsewhere), -1 = all tasks at once, n = n tasks at a time.
+    c.task_chunk = 0
     c.tasks = [task("digits")]
     c.data_dir = ""  # tensorflow-datasets data_dir ('' = its default).
 

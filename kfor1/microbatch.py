@@ -69,11 +69,12 @@ def map_micro_batches(
 def resolve_task_chunk(task_chunk: TaskChunk, num_tasks: int, per_task_batch: int) -> int | None:
     """Tasks per chunk of a K-task training step; None trains all tasks in one ``vmap``.
 
-    ``"auto"``: on the CPU backend, as many tasks as make ``CPU_TASK_CHUNK_IMAGES`` images (at
-    least one); never on GPUs and TPUs, which want the whole batch.
+    ``"auto"``: on a single CPU device, as many tasks as make ``CPU_TASK_CHUNK_IMAGES`` images
+    (at least one); never on GPUs and TPUs, which want the whole batch, nor over several devices,
+    where a chunk would leave the devices without its tasks idle.
     """
     if task_chunk == "auto":
-        if jax.default_backend() != "cpu":
+        if jax.default_backend() != "cpu" or jax.device_count() != 1:
             return None
         task_chunk = max(1, CPU_TASK_CHUNK_IMAGES // max(1, per_task_batch))
     _check_size("task_chunk", task_chunk)

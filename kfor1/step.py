@@ -168,8 +168,9 @@ def make_train_step(
 
     ``task_chunk`` tasks run at a time inside the step (``kfor1.microbatch.map_task_chunks``;
     same result as one ``vmap`` over all tasks). ``"auto"``: tasks making ~64 images per chunk
-    on CPU, where a chunk's activations stay in cache (K=8 x 32 images: +7-9% images/s, and
-    compilation 6 -> 17 s); all tasks at once elsewhere. None: all tasks at once.
+    on a single CPU device, where a chunk's activations stay in cache (K=8 x 32 images: +7-9%
+    images/s, and compilation 6 -> 17 s); all tasks at once on accelerators and meshes. None:
+    all tasks at once.
     """
     if task_chunk != "auto":
         resolve_task_chunk(task_chunk, 1, 1)  # Rejects a bad value now, not at the first step.

@@ -35,6 +35,7 @@ import optax
 from kfor1 import data as kdata
 from kfor1.checkpoint import Checkpointer
 from kfor1.commands import save_config
+from kfor1.microbatch import TaskChunk
 from kfor1.models import Pretrained, load_pretrained
 from kfor1.multitask import MultiTaskState, Task, init_multitask, task_variables
 from kfor1.optim import label_set, patch_optimizer
@@ -122,6 +123,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
         raise ValueError("config.num_steps and config.batch_size must be positive")
     if not config.tasks:
         raise ValueError("config.tasks is empty; give at least one task")
+    task_chunk(config.task_chunk)  # A bad value fails here, before any data loads.
     model_kwargs: dict[str, Any] = {"conv_impl": config.conv_impl}
     if config.dtype != "float32":
         model_kwargs["dtype"] = jnp.dtype(config.dtype)
@@ -153,6 +155,20 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
                 f"axis; use a multiple of {shards} or set --config.mesh.data to a divisor"
             )
     return Setup(config, base, base.model, labels, optimizer, schedules, tuple(tasks), mesh)
+
+
+def task_chunk(value: int) -> TaskChunk:
+    """``config.task_chunk`` as ``make_train_step`` takes it: 0 auto, -1 all tasks, n > 0."""
+    if value == 0:
+        return "auto"
+    if value == -1:
+        return None
+    if value > 0:
+        return int(value)
+    raise ValueError(
+        f"config.task_chunk={value}: use 0 (auto), -1 (all tasks at once) or a positive number "
+        "of tasks per chunk"
+    )
 
 
 def init_state(s: Setup) -> MultiTaskState:
@@ -314,7 +330,8 @@ def train(
         print(f"resumed from {ckpt.directory} at step {start}")
     metrics_log = MetricsLog(workdir, start)
     model = s.model.clone(num_classes=state.layout.max_classes)
-    step_fn = make_train_step(model, s.optimizer, train_shared=config.train_shared)
+    step_fn = make_train_step(model, s.optimizer, train_shared=config.train_shared,
+                              task_chunk=task_chunk(config.task_chunk))
     eval_step = make_eval_step(model)
     groups = resolution_groups(state.layout)
     iterators = _train_iterators(s, start)

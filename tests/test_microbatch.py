@@ -92,6 +92,8 @@ def test_task_chunks_match_one_vmap(tasks, chunk):
 
 def test_auto_task_chunks_make_cpu_chunks_of_64_images(monkeypatch):
     assert CPU_TASK_CHUNK_IMAGES == 64
+    assert resolve_task_chunk("auto", 8, 32) is None  # The tests simulate 8 CPU devices.
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
     assert resolve_task_chunk("auto", 8, 32) == 2
     assert resolve_task_chunk("auto", 8, 16) == 4
     assert resolve_task_chunk("auto", 8, 128) == 1  # A task is never split.

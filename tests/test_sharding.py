@@ -62,10 +62,10 @@ def batches_for(k, batch, steps=STEPS):
     return out
 
 
-def run(variables, labels, optimizer, k, batch, mesh=None, state=None):
+def run(variables, labels, optimizer, k, batch, mesh=None, state=None, task_chunk="auto"):
     if state is None:
         state = init_multitask(variables, labels, tasks_for(k), optimizer, mesh=mesh)
-    step = make_train_step(TinyCNN(5), optimizer, donate=False)
+    step = make_train_step(TinyCNN(5), optimizer, donate=False, task_chunk=task_chunk)
     losses = []
     for i, b in enumerate(batches_for(k, batch)):
         if mesh is not None:
@@ -152,6 +152,16 @@ def test_mesh_run_equals_single_device_run(
         assert is_sharded_like(leaf, stacked if path in patch else replicated), path
     # Per-task variables come back whole from a sharded state.
     chex.assert_shape(task_variables(final, k - 1)["params"]["head"]["kernel"], (16, 3))
+
+
+@pytest.mark.parametrize("tasks_axis, data_axis", [(2, 4), (1, 8)], ids=["2x4", "1x8"])
+def test_tasks_in_chunks_on_a_mesh_equal_single_device_run(
+    variables, labels, optimizer, tasks_axis, data_axis
+):
+    """Chunks of tasks slice the task axis, also when the mesh splits it over devices."""
+    mesh = make_mesh(tasks_axis, data_axis)
+    sharded = run(variables, labels, optimizer, 4, 8, mesh=mesh, task_chunk=1)
+    assert_same_run(sharded, baseline(variables, labels, optimizer, 4, 8))
 
 
 def test_shard_state_places_existing_optimizer_state(variables, labels, optimizer):

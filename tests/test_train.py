@@ -156,6 +156,7 @@ def test_nan_loss_stops_with_advice_and_keeps_the_last_checkpoint(folder, tmp_pa
         ({"optimizer": "adagrad"}, "use adamw, adam or sgd"),
         ({"schedule": "step"}, "use cosine, constant or onecycle"),
         ({"num_steps": 0}, "must be positive"),
+        ({"task_chunk": -2}, r"use 0 \(auto\), -1 \(all tasks at once\)"),
     ],
 )
 def test_bad_config_values_name_the_fix(folder, tmp_path, overrides, message):
