@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -107,6 +107,89 @@ def depthwise_conv(
             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels,
         )
     return _shifted_depthwise(x, kernel, strides, pads)
+
+
+def fused_depthwise_available(dtype: Any, kernel_size: int | Sequence[int], impl: str) -> bool:
+    """Whether ``depthwise_conv_bn_relu6`` runs as one compiled kernel: the ``fast_cpu`` path,
+    float32, kernels up to 7x7, with ``kfor1.native`` built."""
+    return (
+        resolve_impl(impl) == "fast_cpu" and jnp.dtype(dtype) == jnp.float32
+        and max(_as_pair(kernel_size)) <= 7 and jax.default_backend() == "cpu"
+        and native.depthwise_available()
+    )
+
+
+def depthwise_conv_bn_relu6(
+    x: jax.Array,
+    kernel: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    strides: int | Sequence[int] = 1,
+    padding: Padding = "SAME",
+    in_scale: jax.Array | None = None,
+    in_shift: jax.Array | None = None,
+    impl: str = "auto",
+) -> jax.Array:
+    """``relu6(depthwise_conv(x') * scale + shift)`` with ``x' = relu6(x * in_scale + in_shift)``
+    (or ``x``): an inference block's middle, the previous 1x1 layer's BatchNorm and ReLU6, the
+    depthwise convolution, and its own BatchNorm (folded to ``scale``, ``shift``) and ReLU6.
+
+    Why: on CPU each of those BatchNorms was an elementwise pass over a large activation; the
+    compiled kernel applies them as it reads and writes (``fused_depthwise_available``): +7.6%
+    on EfficientNet-Lite0's inference (2 cores, 128 px, batch 32: 756 -> 814 images/s).
+    Elsewhere it is the composition.
+    """
+    kh, kw, one, channels = kernel.shape
+    if one != 1 or x.shape[-1] != channels:
+        raise ValueError(
+            f"depthwise kernel {kernel.shape} must be (kh, kw, 1, C) with C = input channels "
+            f"({x.shape[-1]})"
+        )
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("give both in_scale and in_shift, or neither")
+    strides = _as_pair(strides)
+    pads = resolve_padding(padding, x.shape[1:3], (kh, kw), strides)
+    has_input_affine = in_scale is not None
+    if not has_input_affine:
+        in_scale = in_shift = jnp.zeros((channels,), x.dtype)
+    args = (x, kernel, scale, shift, in_scale, in_shift)
+    if fused_depthwise_available(x.dtype, (kh, kw), impl) and kernel.dtype == jnp.float32:
+        return _native_bn_depthwise(*args, strides, pads, has_input_affine)
+    return _bn_depthwise_reference(*args, strides, pads, has_input_affine, impl)
+
+
+def _bn_depthwise_reference(
+    x, kernel, scale, shift, in_scale, in_shift, strides, pads, has_input_affine, impl="auto"
+):
+    if has_input_affine:
+        x = jax.nn.relu6(x * in_scale + in_shift)
+    return jax.nn.relu6(depthwise_conv(x, kernel, strides, pads, impl) * scale + shift)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _native_bn_depthwise(x, kernel, scale, shift, in_scale, in_shift, strides, pads,
+                         has_input_affine):
+    return native.depthwise_conv(
+        x, kernel, strides, pads, scale, shift, True,
+        in_scale if has_input_affine else None, in_shift if has_input_affine else None,
+    )
+
+
+def _native_bn_depthwise_fwd(x, kernel, scale, shift, in_scale, in_shift, strides, pads,
+                             has_input_affine):
+    args = (x, kernel, scale, shift, in_scale, in_shift)
+    return _native_bn_depthwise(*args, strides, pads, has_input_affine), args
+
+
+def _native_bn_depthwise_bwd(strides, pads, has_input_affine, args, dy):
+    # Inference is what the fused kernel is for; gradients (e.g. saliency) take the composition.
+    _, vjp = jax.vjp(
+        lambda *a: _bn_depthwise_reference(*a, strides, pads, has_input_affine), *args
+    )
+    return vjp(dy)
+
+
+_native_bn_depthwise.defvjp(_native_bn_depthwise_fwd, _native_bn_depthwise_bwd)
 
 
 def _window(xp: jax.Array, i: int, j: int, out_hw: tuple[int, int], strides: tuple[int, int]):
@@ -280,13 +363,40 @@ IM2COL_MAX_CHANNELS = 4
 
 def _im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: PadPairs):
     kh, kw, cin, cout = kernel.shape
-    xp = _pad_nhwc(x, pads)
+    if _use_native(x, kernel):
+        patches = _native_patches(x, (kh, kw), strides, pads)
+    else:
+        patches = _patches(x, (kh, kw), strides, pads)
+    return lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())))
+
+
+def _patches(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int], pads: PadPairs):
+    """Patch channels ordered (i, j, c), as the HWIO kernel flattens."""
+    (kh, kw), xp = kernel_hw, _pad_nhwc(x, pads)
     out_hw = ((xp.shape[1] - kh) // strides[0] + 1, (xp.shape[2] - kw) // strides[1] + 1)
-    # Patch channels ordered (i, j, c), as the HWIO kernel flattens.
-    patches = jnp.concatenate(
+    return jnp.concatenate(
         [_window(xp, i, j, out_hw, strides) for i in range(kh) for j in range(kw)], axis=-1
     )
-    return lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _native_patches(x, kernel_hw, strides, pads):
+    """``_patches`` in one compiled pass. XLA wrote kh*kw padded slices, then concatenated
+    them: 4.6 of 43 ms of EfficientNet-Lite0's inference (traced); in one pass inference ran
+    4% faster."""
+    return native.im2col(x, kernel_hw, strides, pads)
+
+
+def _native_patches_fwd(x, kernel_hw, strides, pads):
+    return _native_patches(x, kernel_hw, strides, pads), x
+
+
+def _native_patches_bwd(kernel_hw, strides, pads, x, dpatches):
+    # Only an input gradient of the stem (e.g. saliency) needs this: the composition's.
+    return jax.vjp(lambda x: _patches(x, kernel_hw, strides, pads), x)[1](dpatches)
+
+
+_native_patches.defvjp(_native_patches_fwd, _native_patches_bwd)
 
 
 @jax.custom_vjp
@@ -360,7 +470,17 @@ class DepthwiseConv(nn.Module):
     kernel_init: nn.initializers.Initializer = conv_kernel_init
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        scale: jax.Array | None = None,
+        shift: jax.Array | None = None,
+        in_scale: jax.Array | None = None,
+        in_shift: jax.Array | None = None,
+    ) -> jax.Array:
+        """The convolution; with ``scale`` and ``shift`` (a folded inference BatchNorm, and
+        optionally the previous layer's as ``in_scale``, ``in_shift``) it returns
+        ``depthwise_conv_bn_relu6``."""
         kh, kw = _as_pair(self.kernel_size)
         channels = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (kh, kw, 1, channels), self.param_dtype)
@@ -370,5 +490,12 @@ class DepthwiseConv(nn.Module):
             else None
         )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        if scale is not None:
+            if bias is not None:
+                shift = shift + bias * scale
+            return depthwise_conv_bn_relu6(
+                x, kernel, scale, shift, self.strides, self.padding, in_scale, in_shift,
+                self.impl,
+            )
         y = depthwise_conv(x, kernel, self.strides, self.padding, self.impl)
         return y if bias is None else y + bias

@@ -33,6 +33,7 @@ SOURCE = Path(__file__).with_name("csrc") / "depthwise.cc"
 TARGET = "kfor1_depthwise_conv"
 GRAD_TARGET = "kfor1_depthwise_kernel_grad"
 SUMS_TARGET = "kfor1_channel_sums"
+IM2COL_TARGET = "kfor1_im2col"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -105,7 +106,8 @@ def depthwise_available() -> bool:
         library = ctypes.cdll.LoadLibrary(str(build()))
         for name, symbol in ((TARGET, library.Kfor1DepthwiseConv),
                              (GRAD_TARGET, library.Kfor1DepthwiseKernelGrad),
-                             (SUMS_TARGET, library.Kfor1ChannelSums)):
+                             (SUMS_TARGET, library.Kfor1ChannelSums),
+                             (IM2COL_TARGET, library.Kfor1Im2col)):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
         warnings.warn(
@@ -125,15 +127,19 @@ def depthwise_conv(
     scale: jax.Array | None = None,
     shift: jax.Array | None = None,
     relu6: bool = False,
+    in_scale: jax.Array | None = None,
+    in_shift: jax.Array | None = None,
 ) -> jax.Array:
     """Depthwise convolution of float32 NHWC ``x`` with a ``(kh, kw, 1, C)`` kernel on the CPU,
     then ``x * scale + shift`` and ReLU6 per channel if given: the caller checks
-    ``depthwise_available()`` first."""
+    ``depthwise_available()`` first. With ``in_scale`` and ``in_shift`` the convolution reads
+    ``relu6(x * in_scale + in_shift)`` instead of ``x`` (zero padding stays zero)."""
     n, h, w, c = x.shape
     kh, kw = kernel.shape[:2]
     out_h = (h + pads[0][0] + pads[0][1] - kh) // strides[0] + 1
     out_w = (w + pads[1][0] + pads[1][1] - kw) // strides[1] + 1
     affine = scale is not None
+    in_affine = in_scale is not None
     ones = np.ones((c,), np.float32)
     call = jax.ffi.ffi_call(
         TARGET, jax.ShapeDtypeStruct((n, out_h, out_w, c), x.dtype), vmap_method="broadcast_all"
@@ -141,8 +147,9 @@ def depthwise_conv(
     return call(
         x, kernel.reshape(kh, kw, c),
         ones if scale is None else scale, ones * 0 if shift is None else shift,
+        ones if in_scale is None else in_scale, ones * 0 if in_shift is None else in_shift,
         sh=np.int64(strides[0]), sw=np.int64(strides[1]), pt=np.int64(pads[0][0]),
-        pl=np.int64(pads[1][0]), affine=affine, relu6=relu6,
+        pl=np.int64(pads[1][0]), affine=affine, relu6=relu6, in_affine_relu6=in_affine,
     )
 
 
@@ -164,6 +171,28 @@ def depthwise_kernel_grad(
         pl=np.int64(pads[1][0]),
     )
     return grad.reshape(kernel_shape)
+
+
+def im2col(
+    x: jax.Array,
+    kernel_hw: tuple[int, int],
+    strides: tuple[int, int],
+    pads: tuple[tuple[int, int], tuple[int, int]],
+) -> jax.Array:
+    """Patches ``(N, OH, OW, kh * kw * C)`` of float32 NHWC ``x`` for a ``kh x kw``
+    convolution, channels ordered ``(i, j, c)`` as an HWIO kernel flattens; zero padding."""
+    n, h, w, c = x.shape
+    kh, kw = kernel_hw
+    out_h = (h + pads[0][0] + pads[0][1] - kh) // strides[0] + 1
+    out_w = (w + pads[1][0] + pads[1][1] - kw) // strides[1] + 1
+    call = jax.ffi.ffi_call(
+        IM2COL_TARGET, jax.ShapeDtypeStruct((n, out_h, out_w, kh * kw * c), x.dtype),
+        vmap_method="broadcast_all",
+    )
+    return call(
+        x, kh=np.int64(kh), kw=np.int64(kw), sh=np.int64(strides[0]), sw=np.int64(strides[1]),
+        pt=np.int64(pads[0][0]), pl=np.int64(pads[1][0]),
+    )
 
 
 def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -104,10 +104,17 @@ class BatchNorm(nn.Module):
     bias_init: nn.initializers.Initializer = nn.initializers.zeros
 
     @nn.compact
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, use_running_average: bool | None = None, *, fold: bool = False
+    ) -> Any:
+        """Normalizes ``x``; with ``fold=True`` (inference only) returns the per-channel
+        ``(scale, shift)`` with ``y = x * scale + shift`` instead, for a kernel that applies it
+        as it reads or writes (``kfor1.layers.depthwise_conv_bn_relu6``)."""
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
+        if fold and not use_running_average:
+            raise ValueError("BatchNorm(fold=True) folds running statistics: inference only")
         features = (x.shape[-1],)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
@@ -117,6 +124,8 @@ class BatchNorm(nn.Module):
         if use_running_average:
             # Flax's formula, so eval outputs match it bit for bit.
             mul = lax.rsqrt(ra_var.value + self.epsilon) * scale
+            if fold:
+                return mul, bias - ra_mean.value * mul
             y = (x - ra_mean.value) * mul + bias
             return jnp.asarray(y, dtype)
         y, mean, var = batch_norm_train(x.astype(dtype), scale, bias, self.epsilon)

@@ -138,6 +138,26 @@ def test_frozen_backbone_mobilenet(mobilenet):
     assert sum(int(x.size) for x in leaves) == 2 * patch_elements + len(scalars)
 
 
+def test_fused_inference_equals_layer_by_layer_inference(mobilenet, monkeypatch):
+    """On CPU, inference runs each block's expand BatchNorm + ReLU6, depthwise convolution and
+    BatchNorm + ReLU6 as one compiled kernel; predictions (per task, with each task's own
+    statistics after training) equal the layer-by-layer network's."""
+    from kfor1.models import inverted_residual
+
+    model, variables = mobilenet
+    tasks = [Task("a", 5), Task("b", 5)]
+    optimizer, state = setup(variables, "scale_bias+logits", tasks)
+    state, _ = train(make_train_step(model, optimizer, donate=False), state,
+                     [make_batch(s, (5, 5), size=32) for s in range(2)])
+    images = make_batch(7, (5, 5), batch=3, size=32)["images"]
+    assert inverted_residual.fused_depthwise_available(jnp.float32, 3, "auto")
+    fused = make_predict_fn(model)(state, images)
+    monkeypatch.setattr(inverted_residual, "fused_depthwise_available", lambda *a: False)
+    layer_by_layer = make_predict_fn(model)(state, images)
+    chex.assert_trees_all_close(fused, layer_by_layer, atol=1e-5)
+    assert not np.allclose(fused[0], fused[1], atol=1e-3)  # The tasks' patches differ.
+
+
 # --- K tasks at once == K tasks alone --------------------------------------------------------
 
 

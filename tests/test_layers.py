@@ -189,3 +189,41 @@ def test_numpy_inputs_are_accepted():
     out = layers.depthwise_conv(x, k, 1, "SAME", impl="fast_cpu")
     assert out[0, 2, 2, 0] == pytest.approx(9.0)
     assert out[0, 0, 0, 0] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("h,w,c,k,s,padding", CASES[:6])
+@pytest.mark.parametrize("input_affine", [False, True])
+def test_depthwise_bn_relu6_equals_its_composition(h, w, c, k, s, padding, input_affine):
+    """The fused inference layer (compiled on CPU) against BatchNorm, ReLU6 and XLA's grouped
+    convolution written out; its gradient is the composition's."""
+    keys = jax.random.split(jax.random.key(h * w + k), 6)
+    x = 3.0 * jax.random.normal(keys[0], (2, h, w, c))
+    kernel = jax.random.normal(keys[1], (k, k, 1, c))
+    scale, shift, in_scale, in_shift = (jax.random.normal(key, (c,)) for key in keys[2:])
+    ins = (in_scale, in_shift) if input_affine else (None, None)
+
+    def fused(x, kernel, scale, shift):
+        return layers.depthwise_conv_bn_relu6(x, kernel, scale, shift, s, padding, *ins)
+
+    def composition(x, kernel, scale, shift):
+        if input_affine:
+            x = jnp.clip(x * in_scale + in_shift, 0.0, 6.0)
+        return jnp.clip(_reference_depthwise(x, kernel, s, padding) * scale + shift, 0.0, 6.0)
+
+    args = (x, kernel, scale, shift)
+    out = jax.jit(fused)(*args)
+    chex.assert_trees_all_close(out, composition(*args), atol=1e-4, rtol=1e-5)
+    assert 0.0 < float(jnp.mean((out > 0) & (out < 6))) < 1.0  # Both bounds are reached.
+    cotangent = jax.random.normal(jax.random.key(9), out.shape)
+    chex.assert_trees_all_close(
+        jax.vjp(fused, *args)[1](cotangent), jax.vjp(composition, *args)[1](cotangent),
+        atol=1e-3, rtol=1e-4,
+    )
+    xla = layers.depthwise_conv_bn_relu6(*args, s, padding, *ins, impl="xla")
+    chex.assert_trees_all_close(xla, out, atol=1e-4, rtol=1e-5)
+
+
+def test_depthwise_bn_relu6_needs_both_input_scale_and_shift():
+    x, kernel, c = jnp.ones((1, 4, 4, 8)), jnp.ones((3, 3, 1, 8)), jnp.ones((8,))
+    with pytest.raises(ValueError, match="both in_scale and in_shift"):
+        layers.depthwise_conv_bn_relu6(x, kernel, c, c, in_scale=c)

@@ -168,3 +168,58 @@ def test_channel_sums_in_one_pass(available, shape):
     chex.assert_trees_all_close(
         per_row, (a.sum(axes[1:]), (a * b).sum(axes[1:])), atol=1e-3, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("shape,k,stride,padding", CASES)
+def test_input_prologue_equals_bn_relu6_before_the_kernel(available, shape, k, stride, padding):
+    """in_scale/in_shift: the kernel reads relu6(x * in_scale + in_shift); padding stays zero
+    (the previous layer's padded activation, not relu6(in_shift))."""
+    x, kernel, scale, shift = _inputs(shape, k, seed=3)
+    _, _, in_scale, in_shift = _inputs(shape, k, seed=4)
+    x = 3.0 * x  # Both ReLU6 bounds are crossed.
+    pads = layers.resolve_padding(padding, shape[1:3], (k, k), (stride, stride))
+    activated = jnp.clip(x * in_scale + in_shift, 0.0, 6.0)
+    reference = layers._shifted_sum(layers._pad_nhwc(activated, pads), kernel, (stride, stride))
+    out = native.depthwise_conv(x, kernel, (stride, stride), pads, in_scale=in_scale,
+                                in_shift=in_shift)
+    chex.assert_trees_all_close(out, reference, atol=1e-5, rtol=1e-5)
+    both = native.depthwise_conv(x, kernel, (stride, stride), pads, scale, shift, True,
+                                 in_scale, in_shift)
+    chex.assert_trees_all_close(
+        both, jnp.clip(reference * scale + shift, 0.0, 6.0), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_input_prologue_per_task_under_vmap(available):
+    x, kernel, scale, shift = _inputs((3, 2, 8, 8, 48), 3, seed=5)
+    in_scales = jnp.stack([scale, 2 * scale, -scale])  # One BatchNorm per task.
+    pads = ((1, 1), (1, 1))
+
+    def one(x, s):
+        return native.depthwise_conv(x, kernel, (1, 1), pads, in_scale=s, in_shift=shift)
+
+    def reference(x, s):
+        activated = jnp.clip(x * s + shift, 0.0, 6.0)
+        return layers._shifted_sum(layers._pad_nhwc(activated, pads), kernel, (1, 1))
+
+    chex.assert_trees_all_close(
+        jax.jit(jax.vmap(one))(x, in_scales), jax.vmap(reference)(x, in_scales), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("shape,k,stride,pads", [
+    ((2, 9, 8, 3), 3, 2, ((0, 1), (1, 1))),
+    ((1, 6, 7, 1), 3, 1, ((1, 1), (1, 1))),
+    ((2, 5, 5, 4), 5, 2, ((2, 2), (1, 3))),
+])
+def test_im2col_equals_padded_slices(available, shape, k, stride, pads):
+    x = jax.random.normal(jax.random.key(6), shape)
+    out = native.im2col(x, (k, k), (stride, stride), pads)
+    reference = layers._patches(x, (k, k), (stride, stride), pads)
+    chex.assert_equal_shape([out, reference])
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(reference))  # Copies, exactly.
+    xs = jnp.stack([x, -x])
+    chex.assert_trees_all_close(
+        jax.vmap(lambda x: native.im2col(x, (k, k), (stride, stride), pads))(xs),
+        jax.vmap(lambda x: layers._patches(x, (k, k), (stride, stride), pads))(xs),
+    )

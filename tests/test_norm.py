@@ -125,3 +125,16 @@ def test_vmapped_per_task_statistics():
         per_task(BatchNorm(use_running_average=False)),
         per_task(nn.BatchNorm(use_running_average=False)), atol=1e-4, rtol=1e-4,
     )
+
+
+def test_fold_gives_the_inference_affine():
+    """fold=True returns (scale, shift) with bn(x) = x * scale + shift on running statistics;
+    folding batch statistics (training) is refused."""
+    x, scale, bias, _ = _inputs()
+    variables = _variables(scale, bias, x.shape[-1])
+    bn = BatchNorm(use_running_average=True, epsilon=1e-3)
+    mul, shift = bn.apply(variables, x, fold=True)
+    chex.assert_trees_all_close(x * mul + shift, bn.apply(variables, x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="inference only"):
+        BatchNorm(use_running_average=False).apply(variables, x, fold=True,
+                                                   mutable=["batch_stats"])

@@ -1,5 +1,7 @@
 // Depthwise 2-D convolution for XLA:CPU (an XLA FFI handler): NHWC float32, any stride and
-// padding, kernels up to 7x7, with an optional per-channel affine + ReLU6 epilogue.
+// padding, kernels up to 7x7, with an optional per-channel affine + ReLU6 epilogue, and an
+// optional per-channel affine + ReLU6 prologue (the previous layer's inference BatchNorm, applied
+// as the input is read, so that the previous layer's output needs no pass of its own).
 //
 // Why: XLA:CPU's loop for the same sum of shifted multiply-adds loads a weight vector for every
 // tap of every output vector and is load-bound (29-51 GMAC/s on 2 AMD EPYC cores); here each
@@ -29,6 +31,19 @@ struct Geometry {
   int64_t n, h, w, c, kh, kw, sh, sw, pt, pl, oh, ow;
   bool affine, relu6;
   int64_t per_kernel = 1, kernel_stride = 0, affine_stride = 0;
+  bool in_affine = false;
+  int64_t in_affine_stride = 0;
+};
+
+// Where input element (ih, iw) of one 16-channel block lives: x itself, or a worker's scratch
+// copy of the rows one output row reads, with the prologue applied.
+struct Src {
+  const float* base;
+  int64_t row0, row, px;
+  int64_t ring;  // > 0: input row ih is at slot ih % ring.
+  const float* at(int64_t ih, int64_t iw) const {
+    return base + (ring > 0 ? ih % ring : ih - row0) * row + iw * px;
+  }
 };
 
 // Leading dimensions of a buffer of rank >= `inner`, multiplied out.
@@ -41,6 +56,12 @@ int64_t leading(const Dims& d, size_t inner) {
 
 inline vf load(const float* p) { vf v; __builtin_memcpy(&v, p, sizeof(vf)); return v; }
 inline void store(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(vf)); }
+
+inline vf clamp6(vf v) {
+  const vf zero = {}, six = zero + 6.0f;
+  v = v < zero ? zero : v;
+  return v > six ? six : v;
+}
 
 inline vf epilogue(const Geometry& g, vf acc, vf a, vf b) {
   if (g.affine) acc = acc * a + b;
@@ -55,92 +76,155 @@ inline vf epilogue(const Geometry& g, vf acc, vf a, vf b) {
 // B outputs of one row at once, away from the borders: with the kernel size and stride known at
 // compile time the taps unroll, and input vectors shared by neighbouring outputs load once.
 template <int KH, int KW, int SW, int B>
-inline void interior(const Geometry& g, const float* ximg, int64_t ih0, int64_t ow, int64_t c0,
+inline void interior(const Geometry& g, const Src& src, int64_t ih0, int64_t ow, int64_t c0,
                      const vf* wv, vf a, vf b, float* yrow) {
   vf acc[B] = {};
+  const int64_t px = src.px;
 #pragma GCC unroll 8
   for (int i = 0; i < KH; ++i) {
-    const float* xr = ximg + ((ih0 + i) * g.w + ow * SW - g.pl) * g.c + c0;
+    const float* xr = src.at(ih0 + i, ow * SW - g.pl);
 #pragma GCC unroll 8
     for (int j = 0; j < KW; ++j) {
 #pragma GCC unroll 8
-      for (int q = 0; q < B; ++q) acc[q] += load(xr + (q * SW + j) * g.c) * wv[i * KW + j];
+      for (int q = 0; q < B; ++q) acc[q] += load(xr + (q * SW + j) * px) * wv[i * KW + j];
     }
   }
 #pragma GCC unroll 8
   for (int q = 0; q < B; ++q) store(yrow + (ow + q) * g.c + c0, epilogue(g, acc[q], a, b));
 }
 
+struct Affines {
+  const float *scale, *shift, *in_scale, *in_shift;
+};
+
+// Output row r (image n = r / oh), channels [c0, c0 + V), reading the input through src.
 template <int KH, int KW, int SW>
-void rows(const Geometry& g, const float* x, const float* k_all, const float* scale_all,
-          const float* shift_all, float* y, int64_t row_begin, int64_t row_end) {
+inline void row_block(const Geometry& g, const float* k_all, const Affines& af, float* y,
+                      int64_t r, int64_t c0, const Src& src) {
   const int kh = KH > 0 ? KH : g.kh, kw = KW > 0 ? KW : g.kw;
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const int64_t n = r / g.oh, oh = r % g.oh;
-    const int64_t ih0 = oh * g.sh - g.pt;
-    float* yrow = y + r * g.ow * g.c;
-    const float* ximg = x + n * g.h * g.w * g.c;
-    const int64_t group = n / g.per_kernel;
-    const float* k = k_all + group * g.kernel_stride;
-    const float* scale = scale_all + group * g.affine_stride;
-    const float* shift = shift_all + group * g.affine_stride;
-    int64_t c0 = 0;
-    for (; c0 + V <= g.c; c0 += V) {
-      vf wv[(KH > 0 ? KH : 7) * (KW > 0 ? KW : 7)];
-      for (int t = 0; t < kh * kw; ++t) wv[t] = load(k + t * g.c + c0);
-      vf a = {}, b = {};
-      if (g.affine) { a = load(scale + c0); b = load(shift + c0); }
-      // Outputs [lo, hi) of this row read no padding; the row itself must not either.
-      int64_t lo = g.ow, hi = g.ow;
-      if (KH > 0 && SW > 0 && ih0 >= 0 && ih0 + KH <= g.h && g.w - KW + g.pl >= 0) {
-        lo = std::min<int64_t>(g.ow, (g.pl + SW - 1) / SW);
-        hi = std::max<int64_t>(lo, std::min<int64_t>(g.ow, (g.w - KW + g.pl) / SW + 1));
-      }
-      constexpr int B = (KH * KW > 16) ? 2 : 4;
-      for (int64_t ow = lo; ow + B <= hi; ow += B)
-        interior<(KH > 0 ? KH : 1), (KW > 0 ? KW : 1), (SW > 0 ? SW : 1), B>(
-            g, ximg, ih0, ow, c0, wv, a, b, yrow);
-      const int64_t done_hi = lo + (hi - lo) / B * B;
-      for (int64_t ow = 0; ow < g.ow; ++ow) {
-        if (ow == lo) ow = done_hi;  // Skip what the interior blocks wrote.
-        if (ow >= g.ow) break;
-        const int64_t iw0 = ow * g.sw - g.pl;
-        vf acc = {};
-        for (int i = 0; i < kh; ++i) {
-          const int64_t ih = ih0 + i;
-          if (ih < 0 || ih >= g.h) continue;
-          const float* xr = ximg + ih * g.w * g.c + c0;
-          for (int j = 0; j < kw; ++j) {
-            const int64_t iw = iw0 + j;
-            if (iw < 0 || iw >= g.w) continue;
-            acc += load(xr + iw * g.c) * wv[i * kw + j];
-          }
-        }
-        store(yrow + ow * g.c + c0, epilogue(g, acc, a, b));
+  const int64_t n = r / g.oh, oh = r % g.oh;
+  const int64_t ih0 = oh * g.sh - g.pt;
+  float* yrow = y + r * g.ow * g.c;
+  const int64_t group = n / g.per_kernel;
+  const float* k = k_all + group * g.kernel_stride;
+  vf wv[(KH > 0 ? KH : 7) * (KW > 0 ? KW : 7)];
+  for (int t = 0; t < kh * kw; ++t) wv[t] = load(k + t * g.c + c0);
+  vf a = {}, b = {};
+  if (g.affine) {
+    a = load(af.scale + group * g.affine_stride + c0);
+    b = load(af.shift + group * g.affine_stride + c0);
+  }
+  // Outputs [lo, hi) of this row read no padding; the row itself must not either.
+  int64_t lo = g.ow, hi = g.ow;
+  if (KH > 0 && SW > 0 && ih0 >= 0 && ih0 + KH <= g.h && g.w - KW + g.pl >= 0) {
+    lo = std::min<int64_t>(g.ow, (g.pl + SW - 1) / SW);
+    hi = std::max<int64_t>(lo, std::min<int64_t>(g.ow, (g.w - KW + g.pl) / SW + 1));
+  }
+  constexpr int B = (KH * KW > 16) ? 2 : 4;
+  for (int64_t ow = lo; ow + B <= hi; ow += B)
+    interior<(KH > 0 ? KH : 1), (KW > 0 ? KW : 1), (SW > 0 ? SW : 1), B>(
+        g, src, ih0, ow, c0, wv, a, b, yrow);
+  const int64_t done_hi = lo + (hi - lo) / B * B;
+  for (int64_t ow = 0; ow < g.ow; ++ow) {
+    if (ow == lo) ow = done_hi;  // Skip what the interior blocks wrote.
+    if (ow >= g.ow) break;
+    const int64_t iw0 = ow * g.sw - g.pl;
+    vf acc = {};
+    for (int i = 0; i < kh; ++i) {
+      const int64_t ih = ih0 + i;
+      if (ih < 0 || ih >= g.h) continue;
+      const float* xr = src.at(ih, 0);
+      for (int j = 0; j < kw; ++j) {
+        const int64_t iw = iw0 + j;
+        if (iw < 0 || iw >= g.w) continue;
+        acc += load(xr + iw * src.px) * wv[i * kw + j];
       }
     }
-    for (; c0 < g.c; ++c0) {  // Channels past the last full vector.
-      for (int64_t ow = 0; ow < g.ow; ++ow) {
-        const int64_t iw0 = ow * g.sw - g.pl;
-        float acc = 0.f;
-        for (int i = 0; i < kh; ++i) {
-          const int64_t ih = ih0 + i;
-          if (ih < 0 || ih >= g.h) continue;
-          for (int j = 0; j < kw; ++j) {
-            const int64_t iw = iw0 + j;
-            if (iw < 0 || iw >= g.w) continue;
-            acc += ximg[(ih * g.w + iw) * g.c + c0] * k[(i * kw + j) * g.c + c0];
-          }
+    store(yrow + ow * g.c + c0, epilogue(g, acc, a, b));
+  }
+}
+
+// Channels past the last full vector of output row r, one at a time.
+inline void row_tail(const Geometry& g, const float* x, const float* k_all, const Affines& af,
+                     float* y, int64_t r) {
+  const int64_t n = r / g.oh, oh = r % g.oh;
+  const int64_t ih0 = oh * g.sh - g.pt;
+  float* yrow = y + r * g.ow * g.c;
+  const float* ximg = x + n * g.h * g.w * g.c;
+  const int64_t group = n / g.per_kernel;
+  const float* k = k_all + group * g.kernel_stride;
+  const float* scale = af.scale + group * g.affine_stride;
+  const float* shift = af.shift + group * g.affine_stride;
+  const float* in_scale = af.in_scale + group * g.in_affine_stride;
+  const float* in_shift = af.in_shift + group * g.in_affine_stride;
+  for (int64_t c0 = g.c / V * V; c0 < g.c; ++c0) {
+    for (int64_t ow = 0; ow < g.ow; ++ow) {
+      const int64_t iw0 = ow * g.sw - g.pl;
+      float acc = 0.f;
+      for (int i = 0; i < g.kh; ++i) {
+        const int64_t ih = ih0 + i;
+        if (ih < 0 || ih >= g.h) continue;
+        for (int j = 0; j < g.kw; ++j) {
+          const int64_t iw = iw0 + j;
+          if (iw < 0 || iw >= g.w) continue;
+          float v = ximg[(ih * g.w + iw) * g.c + c0];
+          if (g.in_affine) v = std::min(std::max(v * in_scale[c0] + in_shift[c0], 0.f), 6.f);
+          acc += v * k[(i * g.kw + j) * g.c + c0];
         }
-        if (g.affine) acc = acc * scale[c0] + shift[c0];
-        if (g.relu6) acc = std::min(std::max(acc, 0.f), 6.f);
-        yrow[ow * g.c + c0] = acc;
       }
+      if (g.affine) acc = acc * scale[c0] + shift[c0];
+      if (g.relu6) acc = std::min(std::max(acc, 0.f), 6.f);
+      yrow[ow * g.c + c0] = acc;
     }
   }
 }
 
-using RowFn = void (*)(const Geometry&, const float*, const float*, const float*, const float*,
+// Output rows [row_begin, row_end). With the prologue, channel blocks are the outer loop, so
+// that consecutive output rows share the transformed input rows: a ring of kh rows in scratch
+// (kh * w * V floats), each input row transformed once per block and range.
+template <int KH, int KW, int SW>
+void rows(const Geometry& g, const float* x, const float* k_all, const Affines& af, float* y,
+          float* scratch, int64_t row_begin, int64_t row_end) {
+  const int64_t full = g.c / V * V;
+  if (!g.in_affine) {
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const float* ximg = x + (r / g.oh) * g.h * g.w * g.c;
+      for (int64_t c0 = 0; c0 < full; c0 += V)
+        row_block<KH, KW, SW>(g, k_all, af, y, r, c0, Src{ximg + c0, 0, g.w * g.c, g.c, 0});
+      if (full < g.c) row_tail(g, x, k_all, af, y, r);
+    }
+    return;
+  }
+  const int64_t slots = g.kh;
+  int64_t slot_row[7], slot_img[7];
+  for (int64_t c0 = 0; c0 < full; c0 += V) {
+    for (int64_t t = 0; t < slots; ++t) slot_row[t] = slot_img[t] = -1;
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const int64_t n = r / g.oh, ih0 = (r % g.oh) * g.sh - g.pt;
+      const float* ximg = x + n * g.h * g.w * g.c;
+      const int64_t group = n / g.per_kernel;
+      const vf ia = load(af.in_scale + group * g.in_affine_stride + c0);
+      const vf ib = load(af.in_shift + group * g.in_affine_stride + c0);
+      const int64_t ih_lo = std::max<int64_t>(ih0, 0);
+      const int64_t ih_hi = std::min<int64_t>(ih0 + g.kh, g.h);
+      for (int64_t ih = ih_lo; ih < ih_hi; ++ih) {
+        const int64_t t = ih % slots;
+        if (slot_row[t] == ih && slot_img[t] == n) continue;
+        const float* xr = ximg + ih * g.w * g.c + c0;
+        float* sr = scratch + t * g.w * V;
+        for (int64_t iw = 0; iw < g.w; ++iw)
+          store(sr + iw * V, clamp6(load(xr + iw * g.c) * ia + ib));
+        slot_row[t] = ih;
+        slot_img[t] = n;
+      }
+      row_block<KH, KW, SW>(g, k_all, af, y, r, c0, Src{scratch, 0, g.w * V, V, slots});
+    }
+  }
+  if (full < g.c)
+    for (int64_t r = row_begin; r < row_end; ++r) row_tail(g, x, k_all, af, y, r);
+}
+
+using RowFn = void (*)(const Geometry&, const float*, const float*, const Affines&, float*,
                        float*, int64_t, int64_t);
 
 RowFn pick(int64_t kh, int64_t kw, int64_t sw) {
@@ -274,8 +358,9 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 ffi::Error Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
                      ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                     ffi::Buffer<ffi::F32> in_scale, ffi::Buffer<ffi::F32> in_shift,
                      ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
-                     int64_t pl, bool affine, bool relu6) {
+                     int64_t pl, bool affine, bool relu6, bool in_affine_relu6) {
   auto xd = x.dimensions(), yd = y->dimensions(), kd = k.dimensions();
   const size_t xr = xd.size(), yr = yd.size(), kr = kd.size();
   if (xr < 4 || yr != xr || kr < 3 || kd[kr - 1] != xd[xr - 1] || yd[yr - 1] != xd[xr - 1] ||
@@ -285,24 +370,36 @@ ffi::Error Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   const int64_t groups = leading(xd, 4), c = xd[xr - 1];
   const int64_t kernel_groups = leading(kd, 3);
   const int64_t affine_groups = scale.element_count() / c;
+  const int64_t in_groups = in_scale.element_count() / c;
   if ((kernel_groups != 1 && kernel_groups != groups) || scale.element_count() % c != 0 ||
       (affine_groups != 1 && affine_groups != groups) ||
-      shift.element_count() != scale.element_count())
+      shift.element_count() != scale.element_count() || in_scale.element_count() % c != 0 ||
+      (in_groups != 1 && in_groups != groups) ||
+      in_shift.element_count() != in_scale.element_count())
     return ffi::Error::InvalidArgument(
-        "kfor1 depthwise: kernel, scale and shift must have x's leading dimensions or none");
+        "kfor1 depthwise: kernel, scales and shifts must have x's leading dimensions or none");
   Geometry g{leading(xd, 3), xd[xr - 3], xd[xr - 2], c, kd[kr - 3], kd[kr - 2],
              sh, sw, pt, pl, yd[yr - 3], yd[yr - 2], affine, relu6};
   g.per_kernel = xd[xr - 4];
   g.kernel_stride = kernel_groups == 1 ? 0 : g.kh * g.kw * c;
   g.affine_stride = affine_groups == 1 ? 0 : c;
+  g.in_affine = in_affine_relu6;
+  g.in_affine_stride = in_groups == 1 ? 0 : c;
   if (g.kh > 7 || g.kw > 7)
     return ffi::Error::InvalidArgument("kfor1 depthwise: kernels up to 7x7");
   const float *xp = x.typed_data(), *kp = k.typed_data();
-  const float *sp = scale.typed_data(), *bp = shift.typed_data();
+  const Affines af{scale.typed_data(), shift.typed_data(), in_scale.typed_data(),
+                   in_shift.typed_data()};
   float* yp = y->typed_data();
   RowFn fn = pick(g.kh, g.kw, g.sw);
-  parallel_rows(pool, g.n * g.oh, std::max<int64_t>(1, pool.num_threads()),
-                [=](int64_t, int64_t begin, int64_t end) { fn(g, xp, kp, sp, bp, yp, begin, end); });
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
+  // Each worker's copy of the kh input rows of one 16-channel block, prologue applied.
+  const int64_t scratch_size = g.in_affine ? g.kh * g.w * V : 0;
+  std::vector<float> scratch(workers * scratch_size);
+  float* sp = scratch.data();
+  parallel_rows(pool, g.n * g.oh, workers, [=](int64_t worker, int64_t begin, int64_t end) {
+    fn(g, xp, kp, af, yp, sp + worker * scratch_size, begin, end);
+  });
   return ffi::Error::Success();
 }
 
@@ -375,7 +472,61 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// Patches for a kh x kw convolution over few channels (the stem):
+// out[n, oh, ow, (i * kw + j) * c + ch] = x[n, oh * sh - pt + i, ow * sw - pl + j, ch], zero
+// outside x. XLA built the same array from kh * kw padded slices and a concatenation.
+ffi::Error Im2col(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> out,
+                  int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+  auto xd = x.dimensions(), od = out->dimensions();
+  const size_t xr = xd.size(), orank = od.size();
+  if (xr < 4 || orank != xr || leading(od, 3) != leading(xd, 3) ||
+      od[orank - 1] != kh * kw * xd[xr - 1])
+    return ffi::Error::InvalidArgument(
+        "kfor1 im2col: expected x (...,N,H,W,C) and out (...,N,OH,OW,kh*kw*C)");
+  const int64_t n = leading(xd, 3), h = xd[xr - 3], w = xd[xr - 2], c = xd[xr - 1];
+  const int64_t oh = od[orank - 3], ow = od[orank - 2], k = kh * kw * c;
+  const float* xp = x.typed_data();
+  float* op = out->typed_data();
+  parallel_rows(pool, n * oh, std::max<int64_t>(1, pool.num_threads()),
+                [=](int64_t, int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t img = r / oh, ih0 = (r % oh) * sh - pt;
+      const float* ximg = xp + img * h * w * c;
+      float* orow = op + r * ow * k;
+      for (int64_t o = 0; o < ow; ++o) {
+        const int64_t iw0 = o * sw - pl;
+        float* dst = orow + o * k;
+        for (int64_t i = 0; i < kh; ++i) {
+          const int64_t ih = ih0 + i;
+          for (int64_t j = 0; j < kw; ++j, dst += c) {
+            const int64_t iw = iw0 + j;
+            if (ih < 0 || ih >= h || iw < 0 || iw >= w) {
+              for (int64_t ch = 0; ch < c; ++ch) dst[ch] = 0.f;
+            } else {
+              const float* src = ximg + (ih * w + iw) * c;
+              for (int64_t ch = 0; ch < c; ++ch) dst[ch] = src[ch];
+            }
+          }
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Kfor1Im2col, Im2col,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Kfor1ChannelSums, ChannelSums,
                               ffi::Ffi::Bind()
@@ -404,10 +555,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Kfor1DepthwiseConv, Depthwise,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("sh")
                                   .Attr<int64_t>("sw")
                                   .Attr<int64_t>("pt")
                                   .Attr<int64_t>("pl")
                                   .Attr<bool>("affine")
-                                  .Attr<bool>("relu6"));
+                                  .Attr<bool>("relu6")
+                                  .Attr<bool>("in_affine_relu6"));

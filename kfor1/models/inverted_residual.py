@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kfor1.layers import Conv, DepthwiseConv, Padding
+from kfor1.layers import Conv, DepthwiseConv, Padding, fused_depthwise_available
 from kfor1.norm import BatchNorm
 
 
@@ -65,9 +66,37 @@ class ConvBN(nn.Module):
     dtype: jnp.dtype | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        train: bool,
+        *,
+        defer: bool = False,
+        fuse: bool = False,
+        input_affine: tuple[jax.Array, jax.Array] | None = None,
+    ) -> Any:
+        """``relu6(bn(conv(x)))``. For fused inference (see ``InvertedResidual``): ``defer``
+        returns ``(conv(x), (scale, shift))``, the BatchNorm folded and the ReLU6 left to the
+        next layer; ``fuse`` (depthwise) runs ``layers.depthwise_conv_bn_relu6`` on ``x``, with
+        ``input_affine`` the previous layer's deferred BatchNorm."""
         # PyTorch-style int padding is the symmetric (k - 1) // 2 for this block's kernel.
         padding = (self.kernel_size - 1) // 2 if self.padding == "SYMMETRIC" else self.padding
+        bn = BatchNorm(
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+            name="bn",
+        )
+        if fuse:
+            if train or not (self.depthwise and self.activation):
+                raise ValueError("fuse is for depthwise layers with ReLU6 in inference")
+            scale, shift = bn(x, fold=True)  # Depthwise: input and output channels agree.
+            in_scale, in_shift = input_affine if input_affine is not None else (None, None)
+            return DepthwiseConv(
+                self.kernel_size, self.strides, padding, impl=self.conv_impl, dtype=self.dtype,
+                name="conv",
+            )(x, scale, shift, in_scale, in_shift)
         if self.depthwise:
             x = DepthwiseConv(
                 self.kernel_size, self.strides, padding, impl=self.conv_impl, dtype=self.dtype,
@@ -78,13 +107,11 @@ class ConvBN(nn.Module):
                 self.features, self.kernel_size, self.strides, padding, impl=self.conv_impl,
                 dtype=self.dtype, name="conv",
             )(x)
-        x = BatchNorm(
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            name="bn",
-        )(x)
+        if defer:
+            if train or not self.activation:
+                raise ValueError("defer is for layers with ReLU6 in inference")
+            return x, bn(x, fold=True)
+        x = bn(x)
         return relu6(x) if self.activation else x
 
 
@@ -107,12 +134,19 @@ class InvertedResidual(nn.Module):
             conv_impl=self.conv_impl, dtype=self.dtype,
         )
         inputs = x
+        # Inference on CPU: the expand layer's BatchNorm and ReLU6, the depthwise convolution and
+        # its BatchNorm and ReLU6 run as one compiled kernel (layers.depthwise_conv_bn_relu6).
+        fuse = not train and fused_depthwise_available(
+            self.dtype or x.dtype, spec.kernel_size, self.conv_impl
+        )
+        affine = None
         if spec.expand_ratio != 1:
-            x = ConvBN(spec.expanded_features, 1, name="expand", **common)(x, train)
+            expand = ConvBN(spec.expanded_features, 1, name="expand", **common)
+            x, affine = expand(x, train, defer=True) if fuse else (expand(x, train), None)
         x = ConvBN(
             spec.expanded_features, spec.kernel_size, spec.stride, depthwise=True,
             name="depthwise", **common,
-        )(x, train)
+        )(x, train, fuse=fuse, input_affine=affine)
         x = ConvBN(spec.out_features, 1, activation=False, name="project", **common)(x, train)
         if not spec.has_shortcut:
             return x
