@@ -105,13 +105,16 @@ class Workload:
 
 
 def measure(
-    workloads: Sequence[Workload], warmup: int, repeats: int, settle: int = 1
+    workloads: Sequence[Workload], warmup: int, repeats: int, settle: int = 1,
+    pause: float = 0.0,
 ) -> dict[str, Any]:
     """Warms each workload up, then times ``repeats`` repetitions, alternating between them.
 
-    Each repetition starts with ``settle`` untimed steps: the first step after switching from
-    another workload is slower (the allocator and caches were shaped by the other one; a K=1
-    step after a K=8 step takes up to twice as long), which a training loop never sees.
+    Each repetition starts with ``pause`` seconds of idle and ``settle`` untimed steps: right
+    after another workload its worker threads still spin for a while (PyTorch's OpenMP threads
+    beside XLA's: kfor1's inference ran at 772 img/s without a pause, 976 with 0.5 s), and the
+    first step after switching is slower (the allocator and caches were shaped by the other
+    one; a K=1 step after a K=8 step takes up to twice as long). A training loop sees neither.
     Images/s are from the median repetition; ``images_per_s_best`` from the fastest (contention
     only adds time, so it bounds the quiet-machine rate).
     """
@@ -119,6 +122,7 @@ def measure(
     step_s: dict[str, list[float]] = {w.name: [] for w in workloads}
     for _ in range(repeats):
         for w in workloads:
+            time.sleep(pause)
             for _ in range(settle):
                 w.update(jax.block_until_ready(w.run()))
             step_s[w.name].append(time_steps(w.run, w.update, w.steps))
@@ -350,7 +354,7 @@ def _verdict(value: float, target: float) -> str:
 def section_patch_step(bench: Bench) -> tuple[dict[str, Any], str]:
     a = bench.args
     kf, tc = bench.kfor1_train(PATCH, 1), bench.torch_train("patch")
-    timings = measure([kf, tc], a.warmup, a.repeats, a.settle)
+    timings = measure([kf, tc], a.warmup, a.repeats, a.settle, a.pause)
     k, t = timings[kf.name], timings[tc.name]
     ratio, ratio_best = k["images_per_s"] / t["images_per_s"], (
         k["images_per_s_best"] / t["images_per_s_best"])
@@ -374,7 +378,7 @@ def section_inference(bench: Bench) -> tuple[dict[str, Any], str]:
     workloads = [bench.kfor1_infer("auto"), bench.torch_infer(True), bench.kfor1_infer(None),
                  bench.kfor1_predict(), bench.torch_infer(False)]
     workloads = list({w.name: w for w in workloads}.values())
-    timings = measure(workloads, a.warmup, a.repeats, a.settle)
+    timings = measure(workloads, a.warmup, a.repeats, a.settle, a.pause)
     k, t = timings[workloads[0].name], timings[workloads[1].name]
     ratio = k["images_per_s"] / t["images_per_s"]
     ratio_best = k["images_per_s_best"] / t["images_per_s_best"]
@@ -396,7 +400,7 @@ def section_full_step(bench: Bench) -> tuple[dict[str, Any], str]:
     a = bench.args
     workloads = [bench.kfor1_train("full", 1), bench.torch_train("full"),
                  bench.kfor1_train(PATCH, 1), bench.torch_train("patch")]
-    timings = measure(workloads, a.warmup, a.repeats, a.settle)
+    timings = measure(workloads, a.warmup, a.repeats, a.settle, a.pause)
     kf, tf, kp, tp = (timings[w.name] for w in workloads)
     ratio = kf["images_per_s"] / tf["images_per_s"]
     patch_vs_full = kp["images_per_s"] / kf["images_per_s"]
@@ -431,7 +435,7 @@ def section_full_step(bench: Bench) -> tuple[dict[str, Any], str]:
 def section_k_tasks(bench: Bench) -> tuple[dict[str, Any], str]:
     a = bench.args
     workloads = [bench.kfor1_train(PATCH, k) for k in a.ks]
-    timings = measure(workloads, a.warmup, a.repeats, a.settle)
+    timings = measure(workloads, a.warmup, a.repeats, a.settle, a.pause)
     base = timings[workloads[0].name]
     single = sum(workloads[0].extra["state_bytes"].values())
     full_variables = tree_bytes(bench.variables)
@@ -587,7 +591,7 @@ def section_flops(bench: Bench) -> tuple[dict[str, Any], str]:
             step_s.setdefault(name, []).extend(timing["step_s"])  # Seconds per step.
     missing = [w for kf, tc, _ in paths.values() for w in (kf, tc) if w.name not in step_s]
     if missing:
-        for name, timing in measure(missing, a.warmup, a.repeats, a.settle).items():
+        for name, timing in measure(missing, a.warmup, a.repeats, a.settle, a.pause).items():
             step_s[name] = list(timing["step_s"])
     peak = matmul_peak(a.matmul_size, a.repeats)
     peak_gflops = peak["jnp.dot"]["gflops"]
@@ -668,6 +672,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=11, help="timed repetitions (median)")
     parser.add_argument("--settle", type=int, default=1,
                         help="untimed steps before each repetition (after switching workload)")
+    parser.add_argument("--pause", type=float, default=0.5,
+                        help="seconds of idle before each repetition, so that the worker "
+                        "threads of the workload before (PyTorch's OpenMP, XLA's pool) stop "
+                        "spinning: without it kfor1's inference ran at 772 img/s, with it 976")
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--only", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
                         default=list(SECTIONS), help=f"sections, from {','.join(SECTIONS)}")
@@ -682,6 +690,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.resolution, args.batch, args.ks = 32, 2, [1, 2]
         args.steps = args.infer_steps = args.warmup = args.repeats = 1
         args.settle = 0
+        args.pause = 0.0
         args.matmul_size = 256
     unknown = [s for s in args.only if s not in SECTIONS]
     if unknown:
@@ -690,8 +699,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  "matmul_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    if args.warmup < 1 or args.settle < 0:
-        parser.error("--warmup must be at least 1, --settle at least 0")
+    if args.warmup < 1 or args.settle < 0 or args.pause < 0:
+        parser.error("--warmup must be at least 1, --settle and --pause at least 0")
     if not args.ks or min(args.ks) < 1 or args.ks[0] != 1:
         parser.error("--ks must start with 1 (the baseline), e.g. 1,2,4")
     return args

@@ -34,6 +34,7 @@ TARGET = "kfor1_depthwise_conv"
 GRAD_TARGET = "kfor1_depthwise_kernel_grad"
 SUMS_TARGET = "kfor1_channel_sums"
 IM2COL_TARGET = "kfor1_im2col"
+EXPAND_TARGET = "kfor1_expand_depthwise"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -107,7 +108,8 @@ def depthwise_available() -> bool:
         for name, symbol in ((TARGET, library.Kfor1DepthwiseConv),
                              (GRAD_TARGET, library.Kfor1DepthwiseKernelGrad),
                              (SUMS_TARGET, library.Kfor1ChannelSums),
-                             (IM2COL_TARGET, library.Kfor1Im2col)):
+                             (IM2COL_TARGET, library.Kfor1Im2col),
+                             (EXPAND_TARGET, library.Kfor1ExpandDepthwise)):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as error:
         warnings.warn(
@@ -171,6 +173,35 @@ def depthwise_kernel_grad(
         pl=np.int64(pads[1][0]),
     )
     return grad.reshape(kernel_shape)
+
+
+def expand_depthwise(
+    x: jax.Array,
+    expand: jax.Array,
+    in_scale: jax.Array,
+    in_shift: jax.Array,
+    kernel: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    strides: tuple[int, int],
+    pads: tuple[tuple[int, int], tuple[int, int]],
+) -> jax.Array:
+    """``relu6(depthwise(relu6((x @ expand) * in_scale + in_shift)) * scale + shift)`` for
+    float32 NHWC ``x`` (N, H, W, cin), ``expand`` (cin, C) and a (kh, kw, 1, C) depthwise
+    kernel, without storing the expanded activation."""
+    n, h, w, _ = x.shape
+    kh, kw, _, c = kernel.shape
+    out_h = (h + pads[0][0] + pads[0][1] - kh) // strides[0] + 1
+    out_w = (w + pads[1][0] + pads[1][1] - kw) // strides[1] + 1
+    call = jax.ffi.ffi_call(
+        EXPAND_TARGET, jax.ShapeDtypeStruct((n, out_h, out_w, c), x.dtype),
+        vmap_method="broadcast_all",
+    )
+    return call(
+        x, expand, kernel.reshape(kh, kw, c), scale, shift, in_scale, in_shift,
+        sh=np.int64(strides[0]), sw=np.int64(strides[1]), pt=np.int64(pads[0][0]),
+        pl=np.int64(pads[1][0]),
+    )
 
 
 def im2col(

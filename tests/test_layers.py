@@ -227,3 +227,42 @@ def test_depthwise_bn_relu6_needs_both_input_scale_and_shift():
     x, kernel, c = jnp.ones((1, 4, 4, 8)), jnp.ones((3, 3, 1, 8)), jnp.ones((8,))
     with pytest.raises(ValueError, match="both in_scale and in_shift"):
         layers.depthwise_conv_bn_relu6(x, kernel, c, c, in_scale=c)
+
+
+@pytest.mark.parametrize("h,w,c,k,s,padding", [(9, 9, 16, 3, 2, "SAME"), (10, 7, 32, 5, 1, 2)])
+def test_expand_depthwise_bn_relu6_equals_its_composition(h, w, c, k, s, padding):
+    """An inference block up to its projection in one compiled kernel, against the layers
+    written out (XLA's convolutions); its gradient is the composition's."""
+    keys = jax.random.split(jax.random.key(h + k), 8)
+    cin = 5
+    x = jax.random.normal(keys[0], (2, h, w, cin))
+    expand = jax.random.normal(keys[1], (cin, c))
+    kernel = jax.random.normal(keys[2], (k, k, 1, c))
+    in_scale, in_shift, scale, shift = (jax.random.normal(key, (c,)) for key in keys[3:7])
+
+    def fused(x, expand, kernel, scale):
+        return layers.expand_depthwise_bn_relu6(
+            x, expand, in_scale, in_shift, kernel, scale, shift, s, padding
+        )
+
+    def composition(x, expand, kernel, scale):
+        expanded = jnp.einsum("nhwi,ic->nhwc", x, expand, precision="highest")
+        activated = jnp.clip(expanded * in_scale + in_shift, 0.0, 6.0)
+        out = _reference_depthwise(activated, kernel, s, padding)
+        return jnp.clip(out * scale + shift, 0.0, 6.0)
+
+    args = (x, expand, kernel, scale)
+    out = jax.jit(fused)(*args)
+    chex.assert_trees_all_close(out, composition(*args), atol=1e-4, rtol=1e-5)
+    assert 0.0 < float(jnp.mean((out > 0) & (out < 6))) < 1.0
+    cotangent = jax.random.normal(keys[7], out.shape)
+    chex.assert_trees_all_close(
+        jax.vjp(fused, *args)[1](cotangent), jax.vjp(composition, *args)[1](cotangent),
+        atol=1e-3, rtol=1e-4,
+    )
+    xla = layers.expand_depthwise_bn_relu6(
+        x, expand, in_scale, in_shift, kernel, scale, shift, s, padding, impl="xla"
+    )
+    chex.assert_trees_all_close(xla, out, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="must be"):
+        layers.expand_depthwise_bn_relu6(x, expand.T, in_scale, in_shift, kernel, scale, shift)

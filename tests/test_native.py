@@ -223,3 +223,46 @@ def test_im2col_equals_padded_slices(available, shape, k, stride, pads):
         jax.vmap(lambda x: native.im2col(x, (k, k), (stride, stride), pads))(xs),
         jax.vmap(lambda x: layers._patches(x, (k, k), (stride, stride), pads))(xs),
     )
+
+
+@pytest.mark.parametrize("shape,cin,k,stride,padding", [
+    ((2, 9, 7, 32), 8, 3, 2, "SAME"),
+    ((2, 8, 8, 40), 6, 5, 1, "SAME"),  # 40 channels: two vectors and a scalar tail.
+    ((1, 5, 6, 16), 3, 3, 1, "VALID"),
+])
+def test_expand_depthwise_equals_its_composition(available, shape, cin, k, stride, padding):
+    """The 1x1 expansion computed inside the kernel, its BatchNorm and ReLU6, the depthwise
+    convolution and its BatchNorm and ReLU6: as the layers written out."""
+    c = shape[-1]
+    _, kernel, scale, shift = _inputs(shape, k, seed=7)
+    _, _, in_scale, in_shift = _inputs(shape, k, seed=8)
+    x = jax.random.normal(jax.random.key(9), (*shape[:3], cin))
+    expand = jax.random.normal(jax.random.key(10), (cin, c)) / np.sqrt(cin)
+    pads = layers.resolve_padding(padding, shape[1:3], (k, k), (stride, stride))
+
+    def reference(x, expand, in_scale, kernel, scale):
+        activated = jnp.clip(jnp.dot(x, expand, precision="highest") * in_scale + in_shift, 0, 6)
+        out = layers._shifted_sum(layers._pad_nhwc(activated, pads), kernel, (stride, stride))
+        return jnp.clip(out * scale + shift, 0.0, 6.0)
+
+    def fused(x, expand, in_scale, kernel, scale):
+        return native.expand_depthwise(x, expand, in_scale, in_shift, kernel, scale, shift,
+                                       (stride, stride), pads)
+
+    out = fused(x, expand, in_scale, kernel, scale)
+    expected = reference(x, expand, in_scale, kernel, scale)
+    chex.assert_trees_all_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert 0.0 < float(jnp.mean((expected > 0) & (expected < 6))) < 1.0
+    # vmap over tasks: per-task inputs, BatchNorms and depthwise kernels, shared expansion...
+    stack = lambda a: jnp.stack([a, 0.5 * a])  # noqa: E731
+    per_task = (stack(x), expand, stack(in_scale), stack(kernel), stack(scale))
+    axes = (0, None, 0, 0, 0)
+    chex.assert_trees_all_close(
+        jax.vmap(fused, axes)(*per_task), jax.vmap(reference, axes)(*per_task), atol=1e-5
+    )
+    # ...or per-task expansions.
+    per_task = (stack(x), stack(expand), in_scale, kernel, scale)
+    axes = (0, 0, None, None, None)
+    chex.assert_trees_all_close(
+        jax.vmap(fused, axes)(*per_task), jax.vmap(reference, axes)(*per_task), atol=1e-5
+    )

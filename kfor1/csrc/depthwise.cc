@@ -33,6 +33,9 @@ struct Geometry {
   int64_t per_kernel = 1, kernel_stride = 0, affine_stride = 0;
   bool in_affine = false;
   int64_t in_affine_stride = 0;
+  // cin > 0: x is the block's input (..., N, H, W, cin) and the depthwise input is its 1x1
+  // expansion by a (cin, c) kernel, computed row by row in the prologue and never stored.
+  int64_t cin = 0, expand_stride = 0;
 };
 
 // Where input element (ih, iw) of one 16-channel block lives: x itself, or a worker's scratch
@@ -95,7 +98,38 @@ inline void interior(const Geometry& g, const Src& src, int64_t ih0, int64_t ow,
 
 struct Affines {
   const float *scale, *shift, *in_scale, *in_shift;
+  const float* expand = nullptr;
 };
+
+// One input row of the expansion for channels [c0, c0 + V): xin (w pixels x cin) times
+// expand[:, c0:c0 + V], then the affine and ReLU6, into sr (w vectors). Four pixels at a time
+// share each weight vector load.
+inline void expand_row(const Geometry& g, const float* xin, const float* we, vf ia, vf ib,
+                       float* sr) {
+  const int64_t cin = g.cin, c = g.c;
+  int64_t iw = 0;
+  for (; iw + 4 <= g.w; iw += 4) {
+    const float* p = xin + iw * cin;
+    vf a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (int64_t k = 0; k < cin; ++k) {
+      const vf wk = load(we + k * c);
+      a0 += p[k] * wk;
+      a1 += p[cin + k] * wk;
+      a2 += p[2 * cin + k] * wk;
+      a3 += p[3 * cin + k] * wk;
+    }
+    store(sr + iw * V, clamp6(a0 * ia + ib));
+    store(sr + (iw + 1) * V, clamp6(a1 * ia + ib));
+    store(sr + (iw + 2) * V, clamp6(a2 * ia + ib));
+    store(sr + (iw + 3) * V, clamp6(a3 * ia + ib));
+  }
+  for (; iw < g.w; ++iw) {
+    const float* p = xin + iw * cin;
+    vf a0 = {};
+    for (int64_t k = 0; k < cin; ++k) a0 += p[k] * load(we + k * c);
+    store(sr + iw * V, clamp6(a0 * ia + ib));
+  }
+}
 
 // Output row r (image n = r / oh), channels [c0, c0 + V), reading the input through src.
 template <int KH, int KW, int SW>
@@ -150,9 +184,11 @@ inline void row_tail(const Geometry& g, const float* x, const float* k_all, cons
   const int64_t n = r / g.oh, oh = r % g.oh;
   const int64_t ih0 = oh * g.sh - g.pt;
   float* yrow = y + r * g.ow * g.c;
-  const float* ximg = x + n * g.h * g.w * g.c;
+  const int64_t xc = g.cin > 0 ? g.cin : g.c;
+  const float* ximg = x + n * g.h * g.w * xc;
   const int64_t group = n / g.per_kernel;
   const float* k = k_all + group * g.kernel_stride;
+  const float* expand = af.expand + group * g.expand_stride;
   const float* scale = af.scale + group * g.affine_stride;
   const float* shift = af.shift + group * g.affine_stride;
   const float* in_scale = af.in_scale + group * g.in_affine_stride;
@@ -167,7 +203,13 @@ inline void row_tail(const Geometry& g, const float* x, const float* k_all, cons
         for (int j = 0; j < g.kw; ++j) {
           const int64_t iw = iw0 + j;
           if (iw < 0 || iw >= g.w) continue;
-          float v = ximg[(ih * g.w + iw) * g.c + c0];
+          float v = 0.f;
+          if (g.cin > 0) {
+            for (int64_t q = 0; q < g.cin; ++q)
+              v += ximg[(ih * g.w + iw) * g.cin + q] * expand[q * g.c + c0];
+          } else {
+            v = ximg[(ih * g.w + iw) * g.c + c0];
+          }
           if (g.in_affine) v = std::min(std::max(v * in_scale[c0] + in_shift[c0], 0.f), 6.f);
           acc += v * k[(i * g.kw + j) * g.c + c0];
         }
@@ -201,7 +243,8 @@ void rows(const Geometry& g, const float* x, const float* k_all, const Affines& 
     for (int64_t t = 0; t < slots; ++t) slot_row[t] = slot_img[t] = -1;
     for (int64_t r = row_begin; r < row_end; ++r) {
       const int64_t n = r / g.oh, ih0 = (r % g.oh) * g.sh - g.pt;
-      const float* ximg = x + n * g.h * g.w * g.c;
+      const int64_t xc = g.cin > 0 ? g.cin : g.c;
+      const float* ximg = x + n * g.h * g.w * xc;
       const int64_t group = n / g.per_kernel;
       const vf ia = load(af.in_scale + group * g.in_affine_stride + c0);
       const vf ib = load(af.in_shift + group * g.in_affine_stride + c0);
@@ -210,10 +253,15 @@ void rows(const Geometry& g, const float* x, const float* k_all, const Affines& 
       for (int64_t ih = ih_lo; ih < ih_hi; ++ih) {
         const int64_t t = ih % slots;
         if (slot_row[t] == ih && slot_img[t] == n) continue;
-        const float* xr = ximg + ih * g.w * g.c + c0;
         float* sr = scratch + t * g.w * V;
-        for (int64_t iw = 0; iw < g.w; ++iw)
-          store(sr + iw * V, clamp6(load(xr + iw * g.c) * ia + ib));
+        if (g.cin > 0) {
+          expand_row(g, ximg + ih * g.w * g.cin, af.expand + group * g.expand_stride + c0, ia,
+                     ib, sr);
+        } else {
+          const float* xr = ximg + ih * g.w * g.c + c0;
+          for (int64_t iw = 0; iw < g.w; ++iw)
+            store(sr + iw * V, clamp6(load(xr + iw * g.c) * ia + ib));
+        }
         slot_row[t] = ih;
         slot_img[t] = n;
       }
@@ -403,6 +451,61 @@ ffi::Error Depthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<
   return ffi::Error::Success();
 }
 
+// An inference block's middle in one pass: the 1x1 expansion of x (..., N, H, W, cin) by
+// expand (cin, C), its folded BatchNorm and ReLU6, the depthwise convolution, and the depthwise
+// layer's folded BatchNorm and ReLU6. The expanded activation is never stored.
+ffi::Error ExpandDepthwise(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> expand, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                           ffi::Buffer<ffi::F32> in_scale, ffi::Buffer<ffi::F32> in_shift,
+                           ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
+                           int64_t pl) {
+  auto xd = x.dimensions(), yd = y->dimensions(), kd = k.dimensions(), ed = expand.dimensions();
+  const size_t xr = xd.size(), yr = yd.size(), kr = kd.size(), er = ed.size();
+  if (xr < 4 || yr != xr || kr < 3 || er < 2 || ed[er - 2] != xd[xr - 1] ||
+      ed[er - 1] != kd[kr - 1] || yd[yr - 1] != kd[kr - 1] || leading(yd, 3) != leading(xd, 3))
+    return ffi::Error::InvalidArgument(
+        "kfor1 expand+depthwise: expected x (...,N,H,W,cin), expand (...,cin,C), "
+        "k (...,kh,kw,C), y (...,N,OH,OW,C)");
+  const int64_t groups = leading(xd, 4), c = kd[kr - 1];
+  const int64_t kernel_groups = leading(kd, 3), expand_groups = leading(ed, 2);
+  const int64_t affine_groups = scale.element_count() / c;
+  const int64_t in_groups = in_scale.element_count() / c;
+  auto fits = [&](int64_t g) { return g == 1 || g == groups; };
+  if (!fits(kernel_groups) || !fits(expand_groups) || !fits(affine_groups) ||
+      !fits(in_groups) || scale.element_count() % c != 0 ||
+      shift.element_count() != scale.element_count() || in_scale.element_count() % c != 0 ||
+      in_shift.element_count() != in_scale.element_count())
+    return ffi::Error::InvalidArgument(
+        "kfor1 expand+depthwise: kernels, scales and shifts must have x's leading dimensions "
+        "or none");
+  Geometry g{leading(xd, 3), xd[xr - 3], xd[xr - 2], c, kd[kr - 3], kd[kr - 2],
+             sh, sw, pt, pl, yd[yr - 3], yd[yr - 2], true, true};
+  g.per_kernel = xd[xr - 4];
+  g.kernel_stride = kernel_groups == 1 ? 0 : g.kh * g.kw * c;
+  g.affine_stride = affine_groups == 1 ? 0 : c;
+  g.in_affine = true;
+  g.in_affine_stride = in_groups == 1 ? 0 : c;
+  g.cin = xd[xr - 1];
+  g.expand_stride = expand_groups == 1 ? 0 : g.cin * c;
+  if (g.kh > 7 || g.kw > 7)
+    return ffi::Error::InvalidArgument("kfor1 depthwise: kernels up to 7x7");
+  const float *xp = x.typed_data(), *kp = k.typed_data();
+  Affines af{scale.typed_data(), shift.typed_data(), in_scale.typed_data(),
+             in_shift.typed_data()};
+  af.expand = expand.typed_data();
+  float* yp = y->typed_data();
+  RowFn fn = pick(g.kh, g.kw, g.sw);
+  const int64_t workers = std::max<int64_t>(1, pool.num_threads());
+  const int64_t scratch_size = g.kh * g.w * V;
+  std::vector<float> scratch(workers * scratch_size);
+  float* sp = scratch.data();
+  parallel_rows(pool, g.n * g.oh, workers, [=](int64_t worker, int64_t begin, int64_t end) {
+    fn(g, xp, kp, af, yp, sp + worker * scratch_size, begin, end);
+  });
+  return ffi::Error::Success();
+}
+
 // Per-channel sums of a and of a * b over the `inner` rows of each group (for BatchNorm:
 // sum(x) and sum(x * x), or sum(dy) and sum(dy * x)), in one pass over both inputs. a and b are
 // (groups, inner, C) in memory; the sums (groups, C) are accumulated in double precision.
@@ -515,6 +618,22 @@ ffi::Error Im2col(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuff
 }
 
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Kfor1ExpandDepthwise, ExpandDepthwise,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Kfor1Im2col, Im2col,
                               ffi::Ffi::Bind()

@@ -22,7 +22,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kfor1.layers import Conv, DepthwiseConv, Padding, fused_depthwise_available
+from kfor1.layers import (
+    EXPAND_FUSE_MAX_CHANNELS,
+    Conv,
+    DepthwiseConv,
+    Padding,
+    fused_depthwise_available,
+)
 from kfor1.norm import BatchNorm
 
 
@@ -71,14 +77,17 @@ class ConvBN(nn.Module):
         x: jax.Array,
         train: bool,
         *,
-        defer: bool = False,
+        defer: bool | str = False,
         fuse: bool = False,
         input_affine: tuple[jax.Array, jax.Array] | None = None,
+        expand_kernel: jax.Array | None = None,
     ) -> Any:
         """``relu6(bn(conv(x)))``. For fused inference (see ``InvertedResidual``): ``defer``
         returns ``(conv(x), (scale, shift))``, the BatchNorm folded and the ReLU6 left to the
-        next layer; ``fuse`` (depthwise) runs ``layers.depthwise_conv_bn_relu6`` on ``x``, with
-        ``input_affine`` the previous layer's deferred BatchNorm."""
+        next layer, and ``defer="kernel"`` (1x1) ``(kernel (cin, C), (scale, shift))``, the
+        convolution left to it too; ``fuse`` (depthwise) runs ``layers.depthwise_conv_bn_relu6``
+        on ``x``, with ``input_affine`` the previous layer's deferred BatchNorm, or with
+        ``expand_kernel`` ``layers.expand_depthwise_bn_relu6`` on the expansion's input."""
         # PyTorch-style int padding is the symmetric (k - 1) // 2 for this block's kernel.
         padding = (self.kernel_size - 1) // 2 if self.padding == "SYMMETRIC" else self.padding
         bn = BatchNorm(
@@ -91,12 +100,22 @@ class ConvBN(nn.Module):
         if fuse:
             if train or not (self.depthwise and self.activation):
                 raise ValueError("fuse is for depthwise layers with ReLU6 in inference")
-            scale, shift = bn(x, fold=True)  # Depthwise: input and output channels agree.
+            scale, shift = bn(jnp.zeros((1, self.features), x.dtype), fold=True)
             in_scale, in_shift = input_affine if input_affine is not None else (None, None)
             return DepthwiseConv(
                 self.kernel_size, self.strides, padding, impl=self.conv_impl, dtype=self.dtype,
                 name="conv",
-            )(x, scale, shift, in_scale, in_shift)
+            )(x, scale, shift, in_scale, in_shift, expand_kernel)
+        if defer == "kernel":
+            if train or not self.activation or self.depthwise or self.kernel_size != 1:
+                raise ValueError('defer="kernel" is for 1x1 layers with ReLU6 in inference')
+            kernel = Conv(
+                self.features, 1, self.strides, padding, impl=self.conv_impl, dtype=self.dtype,
+                name="conv",
+            )(x, return_kernel=True)
+            return kernel.reshape(kernel.shape[-2:]), bn(
+                jnp.zeros((1, self.features), kernel.dtype), fold=True
+            )
         if self.depthwise:
             x = DepthwiseConv(
                 self.kernel_size, self.strides, padding, impl=self.conv_impl, dtype=self.dtype,
@@ -139,14 +158,20 @@ class InvertedResidual(nn.Module):
         fuse = not train and fused_depthwise_available(
             self.dtype or x.dtype, spec.kernel_size, self.conv_impl
         )
-        affine = None
+        affine = expand_kernel = None
         if spec.expand_ratio != 1:
             expand = ConvBN(spec.expanded_features, 1, name="expand", **common)
-            x, affine = expand(x, train, defer=True) if fuse else (expand(x, train), None)
+            if fuse and spec.in_features <= EXPAND_FUSE_MAX_CHANNELS:
+                # Few input channels: the expansion too is computed inside the kernel.
+                expand_kernel, affine = expand(x, train, defer="kernel")
+            elif fuse:
+                x, affine = expand(x, train, defer=True)
+            else:
+                x = expand(x, train)
         x = ConvBN(
             spec.expanded_features, spec.kernel_size, spec.stride, depthwise=True,
             name="depthwise", **common,
-        )(x, train, fuse=fuse, input_affine=affine)
+        )(x, train, fuse=fuse, input_affine=affine, expand_kernel=expand_kernel)
         x = ConvBN(spec.out_features, 1, activation=False, name="project", **common)(x, train)
         if not spec.has_shortcut:
             return x
