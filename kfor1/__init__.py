@@ -12,11 +12,17 @@ Public API:
   ``make_eval_step``, ``make_predict_fn`` (inference in micro-batches: ``kfor1.microbatch``);
 - devices: ``make_mesh``, ``shard_state``, ``shard_batch``;
 - layers: ``kfor1.layers`` (backend-chosen depthwise, 1x1 and stem convolutions; on CPU the
-  depthwise kernels are compiled on first use, ``kfor1.native``) and ``kfor1.norm``
-  (``BatchNorm``: Flax's, with a closed-form training gradient).
+  depthwise kernels are compiled on first use, ``kfor1.layers.native``, also ``kfor1.native``)
+  and ``kfor1.layers.norm`` (also ``kfor1.norm``; ``BatchNorm``: Flax's, with a closed-form
+  training gradient);
+- errors: ``UserError`` (the base of every error a user's input can cause), ``TrainingError``.
+
+The trainer (config -> workdir) is ``kfor1.train.train``; the command line is ``kfor1.cli``.
 """
 
-from kfor1 import layers, microbatch, models, norm
+from kfor1 import layers, microbatch, models
+from kfor1.errors import TrainingError, UserError
+from kfor1.layers import native, norm
 from kfor1.models import Pretrained, create, load_pretrained
 from kfor1.multitask import Layout, MultiTaskState, Task, init_multitask, task_variables
 from kfor1.optim import patch_optimizer
@@ -36,6 +42,8 @@ __all__ = [
     "PatchSpecError",
     "Pretrained",
     "Task",
+    "TrainingError",
+    "UserError",
     "__version__",
     "create",
     "init_multitask",
@@ -47,6 +55,7 @@ __all__ = [
     "make_predict_fn",
     "make_train_step",
     "models",
+    "native",
     "norm",
     "partition",
     "patch_optimizer",

@@ -1,49 +1,151 @@
-"""The ``kfor1`` command line.
+"""The ``kfor1`` command line: ``train``, ``eval``, ``export``, ``predict`` and ``params``.
 
-Each task is a subcommand with its own module-level ``_add_<name>`` (arguments) and
-``_run_<name>`` (action) pair registered in ``COMMANDS``; ``train``, ``eval``, ``export`` and
-``params`` will join ``predict`` there. Mistakes a user can make (a wrong path, an unknown model,
-a bad file) print one ``error: ...`` line and exit with status 2; anything else is a bug and
-keeps its traceback.
+Each command is a pair in ``COMMANDS``: ``_add_<name>`` (its arguments) and ``_run_<name>`` (its
+action). ``train`` takes an ml_collections config file and absl-style overrides
+(``--config.KEY=VALUE``, type-checked against the locked config), which argparse cannot express,
+so ``main`` parses them with absl before argparse sees them. ``python -m launch.<name>`` runs the
+same commands from a source checkout. Mistakes a user can make (``kfor1.errors.USER_ERRORS``)
+print one ``error: ...`` line and exit with status 2, whichever entry point ran them; anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
+from kfor1.errors import USER_ERRORS, one_line
 from kfor1.predict import Prediction
+from kfor1.table import format_table
 
-# Errors kfor1 raises for bad user input: ValueError covers unknown models, ImageReadError,
-# CheckpointFormatError and WeightMismatchError; the OSErrors cover paths.
-USER_ERRORS = (
-    ValueError, FileNotFoundError, IsADirectoryError, PermissionError, ModuleNotFoundError,
-)
+TRAIN_EXAMPLE = "kfor1 train --config configs/transfer.py:dataset=digits --workdir runs/digits"
 
+
+# --- train -----------------------------------------------------------------------------------
+
+def _add_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="config file[:args], e.g. "
+                        "configs/transfer.py:dataset=digits; --config.KEY=VALUE overrides")
+    parser.add_argument("--workdir", required=True,
+                        help="directory for checkpoints, metrics and patches (resumed if present)")
+    parser.add_argument("--stop_at_step", type=_positive_int, default=None,
+                        help="end early at this step, after checkpointing (as a preemption "
+                        "would)")
+
+
+def _flag_message(exc: BaseException) -> str:
+    """absl's and ml_collections' parse errors as one line: a config file's own error (which
+    ml_collections wraps with its traceback) by its last line, an unknown field by its name."""
+    text = str(exc)
+    if isinstance(exc, AttributeError):  # ml_collections: "'num_stepz'\nDid you mean ...?"
+        name, _, hint = text.partition("\n")
+        return f"unknown config field {name.strip(chr(39))!r}" + (f"; {hint}" if hint else "")
+    errors = re.findall(r"^\w*(?:Error|Exception): (.+)$", text, flags=re.MULTILINE)
+    return one_line(errors[-1] if errors else text)
+
+
+def parse_train_args(argv: Sequence[str]) -> tuple[Any, str, int | None]:
+    """``(config, workdir, stop_at_step)`` from ``kfor1 train``'s arguments (absl flags).
+
+    Raises ``kfor1.config.ConfigError`` for a missing, unknown or unparsable flag, a config
+    file that fails to load, or an unknown config field.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    from kfor1.config import ConfigError
+
+    args = ["kfor1 train", *argv]
+    fv = flags.FlagValues()  # Our own: importing kfor1 defines no global flags.
+    config = config_flags.DEFINE_config_file(
+        "config", None, "config file[:args]", flag_values=fv, lock_config=True, sys_argv=args
+    )
+    workdir = flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
+    stop = flags.DEFINE_integer("stop_at_step", None, "end early at this step", flag_values=fv)
+    try:
+        rest = fv(args)
+        value = config.value
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        raise ConfigError(_flag_message(e)) from None
+    if rest[1:]:
+        raise ConfigError(f"unexpected arguments {rest[1:]}; e.g. {TRAIN_EXAMPLE}")
+    if value is None or not workdir.value:
+        raise ConfigError(f"--config and --workdir are required; e.g. {TRAIN_EXAMPLE}")
+    return value, workdir.value, stop.value
+
+
+def _run_train(argv: Sequence[str]) -> int:
+    from absl import logging
+
+    from kfor1.train import train
+
+    config, workdir, stop_at_step = parse_train_args(argv)
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+    summary = train(config, workdir, stop_at_step=stop_at_step)
+    if "tasks" in summary:
+        print(format_summary(summary))
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    """A run's summary (``kfor1.metrics.summary``) as a table, one row per task."""
+    rows = [(name, t["num_classes"], f"{t['patch_parameters']:,}",
+             f"{t['patch_file_bytes'] / 1024:.1f} KiB", f"{100 * t['accuracy']:.2f}%")
+            for name, t in summary["tasks"].items()]
+    return format_table(("task", "classes", "patch params", "patch file", "accuracy"), rows)
+
+
+# --- eval, export ----------------------------------------------------------------------------
+
+def _add_workdir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", required=True, help="the --workdir of a `kfor1 train` run")
+    parser.add_argument("--step", type=_positive_int, default=None,
+                        help="checkpoint step (default: the latest)")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from kfor1.workdir import evaluate_workdir
+
+    results = evaluate_workdir(args.workdir, args.step)
+    rows = [(name, f"{100 * r['accuracy']:.2f}%", f"{r['loss']:.4f}", r["examples"])
+            for name, r in results.items()]
+    print(format_table(("task", "accuracy", "loss", "examples"), rows))
+    return 0
+
+
+def _add_export(parser: argparse.ArgumentParser) -> None:
+    _add_workdir(parser)
+    parser.add_argument("--out", default=None, help="directory for patches/<task>/ "
+                        "(default: the workdir)")
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from kfor1.workdir import export_workdir
+
+    for name, path in export_workdir(args.workdir, args.out, args.step).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+# --- predict ---------------------------------------------------------------------------------
 
 def _add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
-    parser.add_argument(
-        "--model", default="efficientnet_lite0",
-        help="registered model name (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--weights", metavar="PATH", default=None,
-        help="PyTorch or Keras weights file (default: the model's pip-packaged weights)",
-    )
-    parser.add_argument(
-        "--patch", metavar="DIR", default=None,
-        help="a task patch (workdir/patches/<task>): classify into that task's classes",
-    )
-    parser.add_argument(
-        "--top-k", type=_positive_int, default=5, metavar="K",
-        help="classes to show per image (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--batch-size", type=_positive_int, default=32, metavar="N",
-        help="images per forward pass (default: %(default)s)",
-    )
+    parser.add_argument("--model", default="efficientnet_lite0",
+                        help="registered model name (default: %(default)s)")
+    parser.add_argument("--weights", metavar="PATH", default=None,
+                        help="PyTorch or Keras weights file (default: the model's pip-packaged "
+                        "weights)")
+    parser.add_argument("--patch", metavar="DIR", default=None,
+                        help="a task patch (workdir/patches/<task>): classify into that task's "
+                        "classes")
+    parser.add_argument("--top-k", type=_positive_int, default=5, metavar="K",
+                        help="classes to show per image (default: %(default)s)")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
+                        help="images per forward pass (default: %(default)s)")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -75,55 +177,7 @@ def format_predictions(path: str, predictions: Sequence[Prediction]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
-
-def _add_train(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="config file[:args], e.g. "
-                        "configs/transfer.py:dataset=digits; --config.KEY=VALUE overrides")
-    parser.add_argument("--workdir", required=True)
-
-
-def _add_workdir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", required=True, help="the --workdir of a `kfor1 train` run")
-    parser.add_argument("--step", type=_positive_int, default=None,
-                        help="checkpoint step (default: the latest)")
-
-
-def _add_export(parser: argparse.ArgumentParser) -> None:
-    _add_workdir(parser)
-    parser.add_argument("--out", default=None, help="directory for patches/<task>/ "
-                        "(default: the workdir)")
-
-
-def _run_eval(args: argparse.Namespace) -> int:
-    from kfor1.commands import evaluate_workdir
-
-    results = evaluate_workdir(args.workdir, args.step)
-    width = max(len(name) for name in results)
-    print(f"{'task':<{width}}  accuracy     loss  examples")
-    for name, r in results.items():
-        print(f"{name:<{width}}  {100 * r['accuracy']:7.2f}%  {r['loss']:7.4f}  "
-              f"{r['examples']:>8}")
-    return 0
-
-
-def _run_export(args: argparse.Namespace) -> int:
-    from kfor1.commands import export_workdir
-
-    for name, path in export_workdir(args.workdir, args.out, args.step).items():
-        print(f"{name}: {path}")
-    return 0
-
+# --- params ----------------------------------------------------------------------------------
 
 def _add_params(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="efficientnet_lite0")
@@ -135,31 +189,39 @@ def _add_params(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_params(args: argparse.Namespace) -> int:
-    from kfor1.commands import params_report
+    from kfor1.report import model_report
 
-    print(params_report(args.model, args.patch, args.num_classes, args.head, args.all))
+    print(model_report(args.model, args.patch, args.num_classes, args.head, args.all))
     return 0
 
 
-def _run_train(args: argparse.Namespace) -> int:  # pragma: no cover - dispatched in main().
-    raise AssertionError("train is dispatched to kfor1.launcher before argparse")
+# --- the parser ------------------------------------------------------------------------------
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+Command = tuple[str, str, Callable[[argparse.ArgumentParser], None],
+                Callable[[argparse.Namespace], int] | None]
 
 COMMANDS: tuple[Command, ...] = (
-    ("train", _add_train, _run_train),
-    ("eval", _add_workdir, _run_eval),
-    ("export", _add_export, _run_export),
-    ("predict", _add_predict, _run_predict),
-    ("params", _add_params, _run_params),
+    ("train", "train task patches from a config (--config.KEY=VALUE overrides)",
+     _add_train, None),  # Dispatched in main(), before argparse.
+    ("eval", "evaluate a run's latest (or --step) checkpoint on every task's test split",
+     _add_workdir, _run_eval),
+    ("export", "write patches/<task>/ patch files from a run's checkpoint",
+     _add_export, _run_export),
+    ("predict", "print the top-k classes of image files (ImageNet, or a task with --patch)",
+     _add_predict, _run_predict),
+    ("params", "show what a patch spec trains on a model: counts, bytes, K-task cost",
+     _add_params, _run_params),
 )
-
-_HELP = {
-    "train": "train task patches from a config (absl flags: --config.KEY=VALUE overrides)",
-    "eval": "evaluate a run's latest (or --step) checkpoint on every task's test split",
-    "export": "write patches/<task>/ patch files from a run's checkpoint",
-    "predict": "print the top-k classes of image files (ImageNet, or a task with --patch)",
-    "params": "show what a patch spec trains on a model: counts, bytes, K-task cost",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kfor1", description="Parameter-efficient transfer learning of pretrained models.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, add_arguments, run in COMMANDS:
-        sub = subparsers.add_parser(name, help=_HELP.get(name), description=_HELP.get(name))
+    for name, help_text, add_arguments, run in COMMANDS:
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
         add_arguments(sub)
         sub.set_defaults(run=run)
     return parser
@@ -181,25 +243,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     keep_freed_memory()  # This process is ours: see kfor1/cpu.py.
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
-        # Training takes ml_collections' absl flags (--config.KEY=VALUE), which argparse
-        # cannot express; the launcher parses them and exits with the run's status.
-        from kfor1.launcher import run
-
-        run(["kfor1 train", *argv[1:]])
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:  # argparse exits on --help and usage errors; return instead.
-        return exit_.code if isinstance(exit_.code, int) else 2
-    if getattr(args, "run", None) is None:
-        parser.print_help(sys.stderr)
-        return 2
-    try:
+        if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
+            return _run_train(argv[1:])
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exit_:  # argparse exits on --help and usage errors; return instead.
+            return exit_.code if isinstance(exit_.code, int) else 2
+        if getattr(args, "run", None) is None:
+            parser.print_help(sys.stderr)
+            return 2
         return args.run(args)
     except USER_ERRORS as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import ml_collections
 
+from kfor1.errors import UserError
+
 # Learning rates per patch group, chosen on CIFAR-10 (see docs/optimizer_defaults.md): BatchNorm
 # scale/bias wants a larger rate than the classifier.
 DEFAULT_LEARNING_RATES = {
@@ -125,3 +127,7 @@ def paper_transfer(dataset: str, name: str, num_steps: int, arg: str | None):
     config.checkpoint_every = 2000
     config.eval_every = 5000
     return apply_overrides(config, args, PAPER_ARGS)
+
+
+class ConfigError(UserError, ValueError):
+    """A training config that cannot be built: a missing or unknown flag, field or argument."""

@@ -2,9 +2,9 @@
 
 XLA:CPU allocates its large activation buffers afresh on every step. glibc's malloc serves
 blocks over its mmap threshold with fresh ``mmap`` pages and returns freed memory to the OS, so
-every step page-faults its working set again: an elementwise op over a 50 MB tensor took 23 ms
-instead of 2.8 ms, and an EfficientNet-Lite0 patch step ran ~1.6x slower. Keeping freed memory
-in the process removes that cost. It changes the process-wide allocator, so the library never
+every step page-faults its working set again, and an elementwise op over a large tensor takes
+several times as long (``benchmarks/README.md`` has the numbers). Keeping freed memory in the
+process removes that cost. It changes the process-wide allocator, so the library never
 does it on import; entry points call ``keep_freed_memory()``.
 """
 
@@ -18,7 +18,7 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 # mallopt's "-1 disables trimming completely". The largest int (2 GiB) is not enough: a K=8
 # EfficientNet-Lite0 step frees a ~4.5 GB temporary buffer, which glibc then trimmed and
-# faulted back in on every step (600k page faults, ~1 s of system time per step).
+# faulted back in on every step.
 _NEVER = -1
 
 

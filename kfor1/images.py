@@ -13,10 +13,12 @@ import zlib
 import numpy as np
 from PIL import Image, ImageOps
 
+from kfor1.errors import UserError
+
 __all__ = ["ImageReadError", "center_crop_resize", "load_image"]
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError, ValueError):
     """A file exists but does not decode as an image."""
 
 

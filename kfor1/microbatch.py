@@ -4,11 +4,10 @@ as a loop over small ones, and a K-task training step over a few tasks at a time
 In inference every image is independent (BatchNorm uses its running statistics), so a batch can
 run as a sequence of micro-batches. On CPU that pays for large batches: EfficientNet-Lite0's
 first expanded activations take 50 MB at 128 px for 32 images, and every layer streams them
-through memory; in chunks of 16 images they stay in the caches. Measured on 2 cores with kfor1's
-compiled depthwise kernel (``lax.map`` over chunks of 16): batch 128, 677 -> 839 images/s; batch
-32, 634 -> 577. XLA:CPU runs a loop body with less parallelism and slices every chunk in and
-out, which small batches do not win back; so ``"auto"`` splits CPU batches of at least
-``CPU_MIN_BATCH`` images, and never on GPUs, which want the whole batch.
+through memory; in chunks of 16 images they stay in the caches. XLA:CPU runs a loop body with
+less parallelism and slices every chunk in and out, which small batches do not win back; so
+``"auto"`` splits CPU batches of at least ``CPU_MIN_BATCH`` images, and never on GPUs, which want
+the whole batch (measured in ``benchmarks/README.md``).
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kfor1.spec import flatten, head_module, is_patch, stats_labels, unflatten
+from kfor1.spec import head_module, is_patch, stats_labels
+from kfor1.tree import flatten, unflatten
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,13 +13,16 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from typing import Any
 
 import flax.serialization
 import numpy as np
 
+from kfor1.errors import UserError
 from kfor1.multitask import MultiTaskState, task_variables
-from kfor1.spec import flatten, unflatten
+from kfor1.spec import PatchSpec
+from kfor1.tree import flatten, unflatten
 
 FORMAT = "kfor1-patch"
 FORMAT_VERSION = 1
@@ -27,7 +30,7 @@ WEIGHTS_FILE = "patch.msgpack"
 META_FILE = "patch.json"
 
 
-class PatchFileError(ValueError):
+class PatchFileError(UserError, ValueError):
     """A patch file that is unreadable or does not fit the base it is applied to."""
 
 
@@ -57,6 +60,49 @@ def fingerprint(variables: dict[str, Any], exclude: set[str] = frozenset()) -> s
         digest.update(f"{path}|{value.dtype.str}|{value.shape}|".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
+
+
+def task_meta(
+    *, class_names: Sequence[str], preprocessing: Any, resolution: int, crop_fraction: float,
+    spec: PatchSpec, model: str, weights: str, source: str, dataset: str,
+) -> dict[str, Any]:
+    """The metadata a trained task's patch file carries beside its arrays (``export_patch``
+    adds the format, the counts and the base fingerprint).
+
+    Args:
+      class_names: the task's classes, in label order.
+      preprocessing: the base's ``kfor1.models.Preprocessing``; its resolution and crop
+        fraction are replaced by the task's.
+      resolution, crop_fraction: how the task's images are fed (as in evaluation).
+      spec: the patch spec (stored in its JSON form).
+      model, weights, source: the base's registered name, its weights file ("" or "packaged":
+        the pip-packaged weights) and that file's name.
+      dataset: the task's data source.
+    """
+    return {
+        "class_names": list(class_names),
+        "preprocessing": {**preprocessing.to_dict(), "resolution": int(resolution),
+                          "crop_fraction": float(crop_fraction)},
+        "spec": spec.describe(),
+        "base": {"model": model, "weights": weights or "packaged",
+                 "source": os.path.basename(source)},
+        "dataset": dataset,
+    }
+
+
+def describe(directory: str | os.PathLike) -> dict[str, Any]:
+    """What a written patch costs: its trainable parameters, the BN statistics that come with
+    them, its bytes on disk and where it is."""
+    directory = os.fspath(directory)
+    with open(os.path.join(directory, META_FILE), encoding="utf-8") as f:
+        meta = json.load(f)
+    return {
+        "patch_parameters": meta["patch_parameters"],
+        "patch_statistics": meta["patch_statistics"],
+        "patch_file_bytes": sum(os.path.getsize(os.path.join(directory, name))
+                                for name in (WEIGHTS_FILE, META_FILE)),
+        "patch_dir": directory,
+    }
 
 
 def _patch_leaves(state: MultiTaskState) -> set[str]:

@@ -7,7 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from kfor1.spec import SHARED, flatten, is_patch, stats_labels
+from kfor1.spec import SHARED, is_patch, partition, stats_labels
+from kfor1.table import format_table
+from kfor1.tree import flatten
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,17 +45,11 @@ class PatchReport:
         return data
 
     def __str__(self) -> str:
-        rows = [("group", "leaves", "parameters", "% of model", "bytes")]
-        for g in self.groups:
-            rows.append((
-                g.label, str(g.leaves), f"{g.parameters:,}",
-                f"{100 * g.parameters / max(self.total_parameters, 1):.2f}", f"{g.bytes:,}",
-            ))
+        rows = [(g.label, g.leaves, f"{g.parameters:,}",
+                 f"{100 * g.parameters / max(self.total_parameters, 1):.2f}", f"{g.bytes:,}")
+                for g in self.groups]
         rows.append(("total", "", f"{self.total_parameters:,}", "100.00", ""))
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
-                           enumerate(zip(row, widths))) for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = [format_table(("group", "leaves", "parameters", "% of model", "bytes"), rows)]
         p = self.patch_fraction
         lines.append(
             f"patch: {self.patch_parameters:,} parameters ({100 * p:.2f}%), plus "
@@ -87,3 +83,28 @@ def report(variables: dict[str, Any], labels: dict[str, Any]) -> PatchReport:
             int(np.size(v)) for p, v in flat_stats.items() if is_patch(stat_labels[p])
         ),
     )
+
+
+def model_report(
+    model: str, spec: Any, num_classes: int = 1000, head: str | None = None,
+    overview: bool = False,
+) -> str:
+    """The patch report of ``spec`` on a registered ``model`` with ``num_classes`` outputs (and,
+    with ``overview``, clu's per-parameter table), from shapes alone: no weights are loaded."""
+    import jax
+    import jax.numpy as jnp
+
+    from kfor1.models import create
+
+    module = create(model, num_classes=num_classes)
+    variables = jax.eval_shape(
+        lambda x: module.init(jax.random.key(0), x),
+        jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
+    )
+    text = str(report(variables, partition(variables, spec, groups=True, head=head)))
+    if overview:
+        from clu import parameter_overview
+
+        table = parameter_overview.get_parameter_overview(variables["params"], include_stats=False)
+        text = table + "\n\n" + text
+    return text

@@ -15,7 +15,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kfor1.spec import flatten, unflatten
+from kfor1.tree import flatten, unflatten
 
 TASK, DATA = "task", "data"
 

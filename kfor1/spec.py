@@ -17,35 +17,18 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax
 import numpy as np
+
+from kfor1.errors import UserError
+from kfor1.tree import Flat, flatten, leaf_name, module_path, unflatten
 
 SHARED = "shared"
 PATCH = "patch"
 PRESETS = ("logits", "scale_bias", "depthwise", "bias", "full", "none")
 
-Flat = dict[str, Any]
 
-
-class PatchSpecError(ValueError):
+class PatchSpecError(UserError, ValueError):
     """A patch spec that cannot be applied to a model, with what to change."""
-
-
-def flatten(tree: Mapping[str, Any]) -> Flat:
-    """``{"a": {"b": x}}`` -> ``{"a/b": x}``, in the tree's own (creation) order."""
-    return flax.traverse_util.flatten_dict(dict(tree), sep="/")
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    return flax.traverse_util.unflatten_dict(dict(flat), sep="/")
-
-
-def _module(path: str) -> str:
-    return path.rsplit("/", 1)[0] if "/" in path else ""
-
-
-def _leaf(path: str) -> str:
-    return path.rsplit("/", 1)[-1]
 
 
 def is_patch(label: str) -> bool:
@@ -114,27 +97,31 @@ def batchnorm_modules(params: Flat, batch_stats: Flat | None) -> set[str]:
     """Module paths of BatchNorm layers: those with ``batch_stats`` (or, without statistics,
     modules whose only parameters are 1-D ``scale`` and ``bias``)."""
     if batch_stats is not None:
-        return {_module(p) for p in batch_stats}
+        return {module_path(p) for p in batch_stats}
     by_module: dict[str, dict[str, Any]] = {}
     for path, value in params.items():
-        by_module.setdefault(_module(path), {})[_leaf(path)] = value
+        by_module.setdefault(module_path(path), {})[leaf_name(path)] = value
     return {
         m for m, leaves in by_module.items()
         if set(leaves) == {"scale", "bias"} and all(np.ndim(v) == 1 for v in leaves.values())
     }
 
 
+def _dense_modules(params: Flat) -> list[str]:
+    return [module_path(p) for p in params if leaf_name(p) == "kernel" and np.ndim(params[p]) == 2]
+
+
 def head_module(params: Flat, head: str | None = None) -> str:
     """The classifier: ``head`` if given, else the last module with a 2-D ``kernel``."""
     if head is not None:
         head = head.strip("/")
-        if not any(_module(p) == head for p in params):
-            dense = [_module(p) for p in params if _leaf(p) == "kernel" and np.ndim(params[p]) == 2]
+        if not any(module_path(p) == head for p in params):
             raise PatchSpecError(
-                f"head {head!r} is not a module of this model; Dense layers are: {dense}"
+                f"head {head!r} is not a module of this model; Dense layers are: "
+                f"{_dense_modules(params)}"
             )
         return head
-    dense = [_module(p) for p in params if _leaf(p) == "kernel" and np.ndim(params[p]) == 2]
+    dense = _dense_modules(params)
     if not dense:
         raise PatchSpecError(
             "the model has no Dense layer (2-D 'kernel'), so the 'logits' preset has no head; "
@@ -149,16 +136,16 @@ def _preset_selectors(
     bn = batchnorm_modules(params, batch_stats)
     classifier = head_module(params, head) if "logits" in presets else None
     selectors: dict[str, Callable[[str], bool]] = {
-        "scale_bias": lambda p: _module(p) in bn and _leaf(p) in ("scale", "bias"),
+        "scale_bias": lambda p: module_path(p) in bn and leaf_name(p) in ("scale", "bias"),
         "depthwise": lambda p: (
             np.ndim(params[p]) == 4
             and np.shape(params[p])[2] == 1
             and np.shape(params[p])[0] * np.shape(params[p])[1] > 1
         ),
-        "bias": lambda p: _leaf(p) == "bias",
+        "bias": lambda p: leaf_name(p) == "bias",
         "full": lambda p: True,
         "none": lambda p: False,
-        "logits": lambda p: _module(p) == classifier,
+        "logits": lambda p: module_path(p) == classifier,
     }
     return selectors
 
@@ -224,7 +211,7 @@ def stats_labels(batch_stats: Mapping[str, Any], labels: Mapping[str, Any]) -> d
     """Per-task BatchNorm statistics: a BN layer's statistics belong to the patch exactly when
     its scale or bias does (the scale-and-bias patch owns its moving statistics)."""
     flat_labels = flatten(labels)
-    patched = {_module(p) for p, label in flat_labels.items() if is_patch(label)}
+    patched = {module_path(p) for p, label in flat_labels.items() if is_patch(label)}
     return unflatten({
-        p: (PATCH if _module(p) in patched else SHARED) for p in flatten(batch_stats)
+        p: (PATCH if module_path(p) in patched else SHARED) for p in flatten(batch_stats)
     })

@@ -28,7 +28,7 @@ from kfor1.microbatch import (
     resolve_task_chunk,
 )
 from kfor1.multitask import Layout, MultiTaskState
-from kfor1.spec import flatten, unflatten
+from kfor1.tree import flatten, unflatten
 
 Batch = Mapping[str, jax.Array]
 _STEP_IDS = itertools.count()
@@ -168,8 +168,8 @@ def make_train_step(
 
     ``task_chunk`` tasks run at a time inside the step (``kfor1.microbatch.map_task_chunks``;
     same result as one ``vmap`` over all tasks). ``"auto"``: tasks making ~64 images per chunk
-    on a single CPU device, where a chunk's activations stay in cache (K=8 x 32 images: +7-9%
-    images/s, and compilation 6 -> 17 s); all tasks at once on accelerators and meshes. None:
+    on a single CPU device, where a chunk's activations stay in cache (faster steps, longer
+    compilation: ``benchmarks/README.md``); all tasks at once on accelerators and meshes. None:
     all tasks at once.
     """
     if task_chunk != "auto":

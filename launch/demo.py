@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from configs.quickstart import get_config
     from kfor1.cpu import keep_freed_memory
+    from kfor1.table import format_table
     from kfor1.train import train
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO.
@@ -52,12 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         ))
     header = ("patch", "trainable params", "% of model", "patch file", "accuracy", "written to")
     # The patch file also holds the task's BatchNorm statistics (scale_bias patches).
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print()
-    for i, row in enumerate([header, *rows]):
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print(format_table(header, rows, left=len(header)))
     return 0
 
 

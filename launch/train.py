@@ -1,6 +1,12 @@
-"""Train task patches from an ml_collections config (see kfor1/launcher.py)."""
+"""``python -m launch.train --config FILE[:ARGS] --workdir DIR``: the same as ``kfor1 train``.
 
-from kfor1.launcher import run
+    python -m launch.train --config configs/transfer.py:dataset=digits,patch=logits \
+        --workdir runs/digits --config.num_steps=300 --config.learning_rate.logits=1e-2
+"""
+
+import sys
+
+from kfor1.cli import main
 
 if __name__ == "__main__":
-    run()
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from kfor1.errors import UserError
+
 __all__ = ["DataError"]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data source is missing, malformed or unreadable; the message names the fix."""

@@ -97,15 +97,21 @@ def list_split(root: str | os.PathLike, split: str) -> FolderSplit:
     return FolderSplit(tuple(e.name for e in class_dirs), tuple(files), tuple(labels))
 
 
-def _check_same_classes(root: Path, train: FolderSplit, test: FolderSplit) -> None:
-    if train.class_names == test.class_names:
+def check_classes(
+    found: tuple[str, ...], expected: tuple[str, ...], *, where: str, short: str, against: str,
+    fix: str, noun: str = "class folders",
+) -> None:
+    """Raises a ``DataError`` naming the missing and extra classes when ``found`` (those of
+    ``where``, called ``short``) differs from ``expected`` (those of ``against``), order
+    included: a label is a class's index."""
+    if tuple(found) == tuple(expected):
         return
-    missing = sorted(set(train.class_names) - set(test.class_names))
-    extra = sorted(set(test.class_names) - set(train.class_names))
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    order = "" if missing or extra else " (the same names in another order)"
     raise DataError(
-        f"{root}/test and {root}/train have different class folders: "
-        f"missing in test: {_names(missing) or 'none'}; only in test: {_names(extra) or 'none'}; "
-        "both splits need the same class folders"
+        f"{where} and {against} have different {noun}{order}: missing in {short}: "
+        f"{_names(missing) or 'none'}; only in {short}: {_names(extra) or 'none'}; {fix}"
     )
 
 
@@ -146,8 +152,12 @@ def load_folder(
     seed: int = 0,
     check_images: bool = True,
     decode: bool = True,
+    class_names: tuple[str, ...] | None = None,
 ) -> tuple[tf.data.Dataset, DatasetInfo]:
     """An ImageFolder split as ``{"image", "label"}`` (or ``{"path", "label"}`` undecoded).
+
+    Both splits are listed, and must have the same class folders, unless ``class_names`` (a
+    trained run's classes) is given: then only ``split`` is read, and its classes must be those.
 
     A listing is sorted by class, so both splits come permuted: the train split by ``seed`` (a
     finite shuffle buffer would not mix a sorted listing), the test split by a fixed permutation,
@@ -159,10 +169,19 @@ def load_folder(
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     root = Path(path).expanduser()
-    train = list_split(root, "train")
-    test = list_split(root, "test")
-    _check_same_classes(root, train, test)
-    chosen = train if split == "train" else test
+    chosen = list_split(root, split)
+    if class_names is None:
+        other = list_split(root, "test" if split == "train" else "train")
+        train, test = (chosen, other) if split == "train" else (other, chosen)
+        check_classes(test.class_names, train.class_names, where=f"{root}/test", short="test",
+                      against=f"{root}/train", fix="both splits need the same class folders")
+        class_names = train.class_names
+        sizes = {"train": len(train.files), "test": len(test.files)}
+    else:
+        check_classes(chosen.class_names, tuple(class_names), where=f"{root}/{split}",
+                      short=split, against="the run's classes",
+                      fix="restore the class folders the run was trained on")
+        sizes = {split: len(chosen.files)}
     if check_images:
         bad = undecodable(chosen.files)
         if bad:
@@ -180,8 +199,8 @@ def load_folder(
         ds = ds.map(decode_example, num_parallel_calls=tf.data.AUTOTUNE)
     info = DatasetInfo(
         name=name,
-        num_classes=len(train.class_names),
-        class_names=train.class_names,
-        num_examples={"train": len(train.files), "test": len(test.files)},
+        num_classes=len(class_names),
+        class_names=tuple(class_names),
+        num_examples=sizes,
     )
     return ds, info

@@ -13,7 +13,7 @@ from __future__ import annotations
 from kfor1.data._tf import tf
 from kfor1.data.digits import load_digits_source
 from kfor1.data.errors import DataError
-from kfor1.data.folder import SPLITS, load_folder, validate_folder
+from kfor1.data.folder import SPLITS, check_classes, load_folder, validate_folder
 from kfor1.data.info import DatasetInfo
 from kfor1.data.tfds_source import load_tfds
 
@@ -30,6 +30,7 @@ def load_source(
     seed: int = 0,
     check_images: bool = True,
     decode: bool = True,
+    class_names: tuple[str, ...] | None = None,
 ) -> tuple[tf.data.Dataset, DatasetInfo]:
     """The ``split`` ('train' or 'test') of ``source`` and what it holds.
 
@@ -40,16 +41,24 @@ def load_source(
     ``decode=False`` keeps images undecoded (folder: ``{"path", "label"}``; tfds: encoded bytes
     in ``"image"``); ``train_batches`` and ``eval_batches`` decode them after shuffling and
     skipping, which keeps the shuffle buffer small and resuming fast. Prefer it for training.
+
+    ``class_names`` pins the classes (those of a trained run, for evaluating it): a source whose
+    classes differ is a ``DataError``, and a folder source then reads only ``split``.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     kind, sep, rest = source.partition(":")
-    if kind == "tfds" and sep:
-        return load_tfds(rest, split, name=source, data_dir=data_dir, decode=decode)
     if kind == "folder" and sep and rest:
-        return load_folder(
-            rest, split, name=source, seed=seed, check_images=check_images, decode=decode
-        )
-    if source == "digits":
-        return load_digits_source(split, name=source)
-    raise DataError(f"unknown data source {source!r}; use one of: {', '.join(SOURCE_FORMS)}")
+        return load_folder(rest, split, name=source, seed=seed, check_images=check_images,
+                           decode=decode, class_names=class_names)
+    if kind == "tfds" and sep:
+        ds, info = load_tfds(rest, split, name=source, data_dir=data_dir, decode=decode)
+    elif source == "digits":
+        ds, info = load_digits_source(split, name=source)
+    else:
+        raise DataError(f"unknown data source {source!r}; use one of: {', '.join(SOURCE_FORMS)}")
+    if class_names is not None:
+        check_classes(info.class_names, tuple(class_names), where=source, short=split,
+                      against="the run's classes", noun="classes",
+                      fix="evaluate on the data the run was trained on")
+    return ds, info

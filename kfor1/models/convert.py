@@ -16,13 +16,14 @@ import flax
 import jax
 import numpy as np
 
+from kfor1.errors import UserError
 from kfor1.models.inverted_residual import InvertedResidualNet
 
 Transform = Callable[[np.ndarray], np.ndarray]
 Mapping_ = dict[str, tuple[str, Transform]]
 
 
-class WeightMismatchError(ValueError):
+class WeightMismatchError(UserError, ValueError):
     """A checkpoint does not fit the model it is loaded into."""
 
 

@@ -29,7 +29,7 @@ from kfor1.layers import (
     Padding,
     fused_depthwise_available,
 )
-from kfor1.norm import BatchNorm
+from kfor1.layers.norm import BatchNorm
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@
 // Why: XLA:CPU's loop for the same sum of shifted multiply-adds loads a weight vector for every
 // tap of every output vector and is load-bound (29-51 GMAC/s on 2 AMD EPYC cores); here each
 // 16-channel block keeps its kh*kw weight vectors in registers across a whole output row.
-// Built on first use by kfor1/native.py; rows are spread over XLA's intra-op thread pool.
+// Built on first use by kfor1/layers/native.py; rows are spread over XLA's intra-op thread pool.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>

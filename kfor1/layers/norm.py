@@ -7,10 +7,10 @@ numerics, so checkpoints, patches and partition presets do not notice the differ
 Why: autodiff of Flax's BatchNorm materialises ``x - mean`` in the forward pass for the backward
 one and differentiates through the mean and the variance separately, which takes three reductions
 over the activation per layer in the backward pass. Every one of them is a pass over a tensor that
-does not fit in cache, and a patch step is bandwidth-bound: BatchNorm was ~40% of an
-EfficientNet-Lite0 patch step on CPU. The closed-form gradient needs two sums (``sum(dy)`` and
-``sum(dy * x)``) and one elementwise pass, and keeps only ``x``, which the convolution before it
-has materialised anyway.
+does not fit in cache, and a patch step is bandwidth-bound: BatchNorm was a large share of an
+EfficientNet-Lite0 patch step on CPU (``benchmarks/README.md``). The closed-form gradient needs
+two sums (``sum(dy)`` and ``sum(dy * x)``) and one elementwise pass, and keeps only ``x``, which
+the convolution before it has materialised anyway.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kfor1 import native
+from kfor1.layers import native
 
 
 def _paired_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``sum(a)`` and ``sum(a * b)`` over every axis but the last: in one pass on CPU with the
-    compiled kernel (``kfor1.native``; XLA makes two), else two ``jnp.sum``."""
+    compiled kernel (``kfor1.layers.native``; XLA makes two), else two ``jnp.sum``."""
     if (
         a.dtype == jnp.float32 and b.dtype == jnp.float32 and a.ndim >= 2
         and jax.default_backend() == "cpu" and native.depthwise_available()

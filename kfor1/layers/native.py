@@ -1,6 +1,6 @@
 """Compiled CPU kernels, built on first use and called through XLA's FFI.
 
-kfor1 ships C++ source (``kfor1/csrc``), not binaries: the first call compiles it with the
+kfor1 ships C++ source (``kfor1/layers/csrc``), not binaries: the first call compiles it with the
 machine's C++ compiler (``-O3 -march=native``, ~2 s) against the XLA FFI headers that jaxlib
 ships, into a per-user cache keyed by the source, jax version and compiler; later processes load
 the cached library. Without a compiler, or with ``KFOR1_NATIVE=0``, every caller falls back to

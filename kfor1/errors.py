@@ -1,0 +1,40 @@
+"""The errors a user can cause, in one place, so that every entry point reports them alike.
+
+A *user error* is input kfor1 cannot use — a mistyped preset, a missing folder, a corrupt file, a
+learning rate that diverges — and its message names what was wrong and what to do. The command
+line (``kfor1 ...``, ``python -m launch.*``) prints such an error as one ``error: ...`` line
+and exits with status 2; anything else is a bug and keeps its traceback.
+
+kfor1's own error types derive from ``UserError`` (and from the built-in type a caller would
+expect, ``ValueError`` for bad values); ``USER_ERRORS`` adds the built-in errors that name a bad
+path or a missing optional package.
+"""
+
+from __future__ import annotations
+
+__all__ = ["USER_ERRORS", "TrainingError", "UserError", "one_line"]
+
+
+class UserError(Exception):
+    """Input that kfor1 cannot use; the message says what to change."""
+
+
+class TrainingError(UserError, RuntimeError):
+    """Training cannot go on (for example, the loss became NaN); says what to change."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError,
+    ValueError,  # Also unknown models, bad config values and ml_collections' type errors.
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    ModuleNotFoundError,  # An optional package (e.g. torch for a benchmark) is not installed.
+)
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line (or its type's name when it has none)."""
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -1,0 +1,162 @@
+"""A config resolved into what a run is made of: the base model with its weights, each task's
+data, the parsed patch spec and its labels, the optimiser and the device mesh.
+
+``setup`` checks every config value that can be checked before anything loads, then loads the
+base and the data, so a mistake costs seconds, not a training run. The trainer, ``kfor1 eval``
+and ``kfor1 export`` all start here; the latter two with ``train=False``, which never opens a
+task's train split (its classes come from the run's ``tasks.json``, see ``kfor1.workdir``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from kfor1 import data as kdata
+from kfor1.microbatch import TaskChunk
+from kfor1.models import Pretrained, load_pretrained
+from kfor1.multitask import MultiTaskState, Task, init_multitask
+from kfor1.optim import build_optimizer
+from kfor1.sharding import make_mesh
+from kfor1.spec import PatchSpec, partition
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+    """One task: its engine description, what its data holds, and its splits (``train`` is None
+    in an eval-only setup)."""
+
+    task: Task
+    info: kdata.DatasetInfo
+    test: Any
+    train: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Everything a run needs, built once from a config by ``setup``."""
+
+    config: ml_collections.ConfigDict
+    base: Pretrained
+    spec: PatchSpec
+    labels: dict[str, Any]
+    optimizer: optax.GradientTransformation
+    schedules: dict[str, optax.Schedule]
+    tasks: tuple[TaskData, ...]
+    mesh: jax.sharding.Mesh
+    task_chunk: TaskChunk
+
+    @property
+    def model(self) -> Any:
+        return self.base.model
+
+    @property
+    def eval_crop_fraction(self) -> float:
+        """Training on whole images ('pad'/'none' crops) is evaluated on whole images too."""
+        if self.config.augment.crop in ("pad", "none"):
+            return 1.0
+        return self.base.preprocessing.crop_fraction
+
+    def init_state(self) -> MultiTaskState:
+        """The K-task state at step 0: base weights, fresh heads, optimiser state."""
+        return init_multitask(
+            self.base.variables, self.labels, [t.task for t in self.tasks], self.optimizer,
+            head=self.spec.head, mesh=self.mesh,
+        )
+
+
+def task_chunk(value: int) -> TaskChunk:
+    """``config.task_chunk`` as ``make_train_step`` takes it: 0 auto, -1 all tasks, n > 0."""
+    if value == 0:
+        return "auto"
+    if value == -1:
+        return None
+    if value > 0:
+        return int(value)
+    raise ValueError(
+        f"config.task_chunk={value}: use 0 (auto), -1 (all tasks at once) or a positive number "
+        "of tasks per chunk"
+    )
+
+
+def load_base(config: ml_collections.ConfigDict) -> Pretrained:
+    """``config.model`` with ``config.weights`` (or its packaged ones) and the model options."""
+    model_kwargs: dict[str, Any] = {"conv_impl": config.conv_impl}
+    if config.dtype != "float32":
+        model_kwargs["dtype"] = jnp.dtype(config.dtype)
+    if config.dropout_rate >= 0:
+        model_kwargs["dropout_rate"] = float(config.dropout_rate)
+    if config.bn_momentum >= 0:
+        model_kwargs["bn_momentum"] = float(config.bn_momentum)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # The 1000-class head stays; tasks get their own.
+        return load_pretrained(config.model, path=config.weights or None, **model_kwargs)
+
+
+def _load_task(
+    t: ml_collections.ConfigDict, config: ml_collections.ConfigDict, default_resolution: int,
+    train: bool, class_names: Sequence[str] | None,
+) -> TaskData:
+    data_dir = config.data_dir or None
+    pinned = None if class_names is None else tuple(class_names)
+    train_ds = None
+    if train:
+        # Undecoded: shuffling and resuming (skip) then work on paths/bytes, not pixels.
+        train_ds, _ = kdata.load_source(t.dataset, "train", data_dir=data_dir, seed=config.seed,
+                                        decode=False, class_names=pinned)
+    test_ds, info = kdata.load_source(t.dataset, "test", data_dir=data_dir, class_names=pinned)
+    resolution = int(t.resolution) or default_resolution
+    return TaskData(Task(t.name, info.num_classes, resolution), info, test_ds, train_ds)
+
+
+def setup(
+    config: ml_collections.ConfigDict,
+    *,
+    train: bool = True,
+    class_names: Sequence[Sequence[str]] | None = None,
+) -> Setup:
+    """Checks ``config``, loads the base and each task's data, parses the patch spec once and
+    builds the optimiser.
+
+    Args:
+      config: a config from ``kfor1.config`` (``configs/*.py``).
+      train: False for an eval-only setup: the train splits are not opened.
+      class_names: per task (in ``config.tasks`` order), the classes of a trained run; each
+        source must still have exactly those (an eval-only setup of a folder source needs them,
+        since it lists only the test split).
+
+    Returns:
+      The ``Setup``.
+    """
+    if config.num_steps < 1 or config.batch_size < 1:
+        raise ValueError("config.num_steps and config.batch_size must be positive")
+    if not config.tasks:
+        raise ValueError("config.tasks is empty; give at least one task")
+    if class_names is not None and len(class_names) != len(config.tasks):
+        raise ValueError(f"{len(class_names)} class lists for {len(config.tasks)} tasks")
+    chunk = task_chunk(config.task_chunk)
+    spec = PatchSpec.parse(config.patch, head=config.head or None)
+    mesh = make_mesh(config.mesh.tasks, config.mesh.data or None)
+    shards = mesh.shape["data"]
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % shards:
+            raise ValueError(
+                f"config.{key}={config[key]} does not split over the mesh's {shards}-way 'data' "
+                f"axis; use a multiple of {shards} or set --config.mesh.data to a divisor"
+            )
+    base = load_base(config)
+    labels = partition(base.variables, spec, groups=True)
+    optimizer, schedules = build_optimizer(config, labels)
+    tasks = tuple(
+        _load_task(t, config, base.preprocessing.resolution, train,
+                   None if class_names is None else class_names[i])
+        for i, t in enumerate(config.tasks)
+    )
+    return Setup(config, base, spec, labels, optimizer, schedules, tasks, mesh, chunk)

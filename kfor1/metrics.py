@@ -1,0 +1,93 @@
+"""What a run reports: ``metrics.jsonl`` and TensorBoard scalars while it trains, and the summary
+it ends with. Plain data in, plain data out: nothing here knows the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from kfor1.report import PatchReport
+
+
+class MetricsLog:
+    """Appends ``{"step": ..., **scalars}`` lines to a JSONL file and writes the same scalars
+    with clu's writers (TensorBoard events in ``events_dir``).
+
+    A resumed run drops the lines after its resume step, so the file reads as if the run had
+    never stopped. Only process 0 writes the file.
+    """
+
+    def __init__(self, path: str, events_dir: str, resume_step: int):
+        from clu import metric_writers
+
+        self.path = path
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip()
+                        and json.loads(line)["step"] <= resume_step]
+            with open(path, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+        self.writer = metric_writers.create_default_writer(
+            events_dir, just_logging=jax.process_index() > 0
+        )
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        if jax.process_index() == 0:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.writer.write_scalars(step, dict(scalars))
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+def train_scalars(
+    names: Sequence[str], metrics: Mapping[str, np.ndarray], learning_rates: Mapping[str, float],
+    images_per_s: float,
+) -> dict[str, float]:
+    """One logged training step: ``lr/<group>``, ``train/{loss,accuracy}/<task>``,
+    ``images_per_s``; ``metrics`` holds per-task (K,) ``loss`` and ``accuracy``."""
+    scalars = {f"lr/{g}": float(lr) for g, lr in learning_rates.items()}
+    for i, name in enumerate(names):
+        scalars[f"train/loss/{name}"] = float(metrics["loss"][i])
+        scalars[f"train/accuracy/{name}"] = float(metrics["accuracy"][i])
+    scalars["images_per_s"] = float(images_per_s)
+    return scalars
+
+
+def eval_scalars(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """``eval/accuracy/<task>`` of ``kfor1.evaluate.evaluate``'s results."""
+    return {f"eval/accuracy/{name}": r["accuracy"] for name, r in results.items()}
+
+
+def summary(
+    *, model: str, spec: Any, task_report: PatchReport,
+    results: Mapping[str, Mapping[str, float]], num_classes: Mapping[str, int],
+    patch_files: Mapping[str, Mapping[str, Any]],
+) -> dict[str, Any]:
+    """The run's ``summary.json``: per task its eval results, class count and patch file
+    (``kfor1.patchfile.describe``), and totals; ``task_report`` is of the first task's model
+    (its head, not ImageNet's)."""
+    tasks = {
+        name: {**results[name], "num_classes": num_classes[name], **patch_files[name]}
+        for name in results
+    }
+    return {
+        "model": model,
+        "patch": spec,
+        "tasks": tasks,
+        "totals": {
+            "base_parameters": task_report.total_parameters,
+            "patch_parameters": sum(t["patch_parameters"] for t in tasks.values()),
+            "patch_file_bytes": sum(t["patch_file_bytes"] for t in tasks.values()),
+            "patch_fraction": task_report.patch_fraction,
+            "mean_accuracy": float(np.mean([t["accuracy"] for t in tasks.values()])),
+        },
+    }

@@ -1,0 +1,42 @@
+"""Plain-text tables for the terminal: the patch report, a run's summary, eval results, the demo.
+
+One helper, so every table kfor1 prints aligns the same way: the first column left-aligned (it
+names the row), the others right-aligned (numbers), a dashed rule under the header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def format_table(
+    header: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1, indent: str = ""
+) -> str:
+    """Rows under ``header``, columns padded to their widest cell.
+
+    Args:
+      header: column titles.
+      rows: one sequence of cells per row (any objects, shown with ``str``).
+      left: how many leading columns are left-aligned (names, paths); the rest align right.
+      indent: prefix of every line.
+
+    Returns:
+      The table as lines joined by newlines, without a trailing newline.
+
+    Example::
+
+      >>> print(format_table(["task", "accuracy"], [["digits", "98.06%"]]))
+      task    accuracy
+      ------  --------
+      digits    98.06%
+    """
+    cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        parts = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in
+                 enumerate(zip(row, widths))]
+        return indent + "  ".join(parts).rstrip()
+
+    rule = indent + "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *map(line, cells[1:])])
