@@ -147,7 +147,8 @@ def patch_size(patch: str, num_classes: int = 10) -> tuple[int, int]:
         import numpy as np
 
         from kfor1.models import create
-        from kfor1.spec import flatten, is_patch, partition, stats_labels
+        from kfor1.spec import is_patch, partition, stats_labels
+        from kfor1.tree import flatten
 
         model = create("efficientnet_lite0", num_classes=num_classes)
         shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))

@@ -9,3 +9,26 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def colours(tmp_path_factory):
+    """The colour-squares folder dataset of ``tiny_runs``."""
+    from tiny_runs import write_folder
+
+    return write_folder(tmp_path_factory.mktemp("colours"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(colours, tmp_path_factory):
+    """``(workdir, summary)`` of one uninterrupted ``tiny_runs.run_config`` run, shared by the
+    trainer, workdir, patch-file and CLI tests (read it, never write to it)."""
+    from tiny_runs import run_config
+
+    from kfor1.train import train
+
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    return workdir, train(run_config(colours), str(workdir))

@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kfor1 import layers, native
+from kfor1 import layers
+from kfor1.layers import dense, depthwise, native
+from kfor1.layers import padding as pad_ops
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +48,7 @@ def available():
 def test_native_kernel_equals_shifted_multiply_adds(available, shape, k, stride, padding):
     x, kernel, scale, shift = _inputs(shape, k)
     pads = layers.resolve_padding(padding, shape[1:3], (k, k), (stride, stride))
-    reference = layers._shifted_sum(layers._pad_nhwc(x, pads), kernel, (stride, stride))
+    reference = depthwise.shifted_sum(pad_ops.pad_nhwc(x, pads), kernel, (stride, stride))
     out = native.depthwise_conv(x, kernel, (stride, stride), pads)
     chex.assert_equal_shape([out, reference])
     chex.assert_trees_all_close(out, reference, atol=1e-5, rtol=1e-5)
@@ -65,7 +67,7 @@ def test_native_kernel_under_jit_and_vmap(available):
         return native.depthwise_conv(x, k, (1, 1), pads)
 
     def reference(x, k):
-        return layers._shifted_sum(layers._pad_nhwc(x, pads), k, (1, 1))
+        return depthwise.shifted_sum(pad_ops.pad_nhwc(x, pads), k, (1, 1))
 
     chex.assert_trees_all_close(
         jax.jit(jax.vmap(one))(x, kernels), jax.vmap(reference)(x, kernels), atol=1e-5
@@ -90,7 +92,8 @@ def test_native_kernel_under_jit_and_vmap(available):
 _FALLBACK = """
 import warnings
 import jax, jax.numpy as jnp
-from kfor1 import layers, native
+from kfor1 import layers
+from kfor1.layers import native
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     ok = native.depthwise_available()
@@ -138,7 +141,7 @@ def test_native_kernel_gradient_equals_the_pure_jax_gradient(available, shape, k
     x, kernel, _, _ = _inputs(shape, k, seed=1)
     x = x + 2.0  # A large mean, where float32 sums lose the most.
     pads = layers.resolve_padding(padding, shape[1:3], (k, k), (stride, stride))
-    out_shape = layers._shifted_sum(layers._pad_nhwc(x, pads), kernel, (stride, stride)).shape
+    out_shape = depthwise.shifted_sum(pad_ops.pad_nhwc(x, pads), kernel, (stride, stride)).shape
     dy = jax.random.normal(jax.random.key(2), out_shape)
     xp = np.pad(np.asarray(x, np.float64), ((0, 0), pads[0], pads[1], (0, 0)))
     oh, ow = out_shape[1:3]
@@ -179,7 +182,7 @@ def test_input_prologue_equals_bn_relu6_before_the_kernel(available, shape, k, s
     x = 3.0 * x  # Both ReLU6 bounds are crossed.
     pads = layers.resolve_padding(padding, shape[1:3], (k, k), (stride, stride))
     activated = jnp.clip(x * in_scale + in_shift, 0.0, 6.0)
-    reference = layers._shifted_sum(layers._pad_nhwc(activated, pads), kernel, (stride, stride))
+    reference = depthwise.shifted_sum(pad_ops.pad_nhwc(activated, pads), kernel, (stride, stride))
     out = native.depthwise_conv(x, kernel, (stride, stride), pads, in_scale=in_scale,
                                 in_shift=in_shift)
     chex.assert_trees_all_close(out, reference, atol=1e-5, rtol=1e-5)
@@ -200,7 +203,7 @@ def test_input_prologue_per_task_under_vmap(available):
 
     def reference(x, s):
         activated = jnp.clip(x * s + shift, 0.0, 6.0)
-        return layers._shifted_sum(layers._pad_nhwc(activated, pads), kernel, (1, 1))
+        return depthwise.shifted_sum(pad_ops.pad_nhwc(activated, pads), kernel, (1, 1))
 
     chex.assert_trees_all_close(
         jax.jit(jax.vmap(one))(x, in_scales), jax.vmap(reference)(x, in_scales), atol=1e-5
@@ -215,13 +218,13 @@ def test_input_prologue_per_task_under_vmap(available):
 def test_im2col_equals_padded_slices(available, shape, k, stride, pads):
     x = jax.random.normal(jax.random.key(6), shape)
     out = native.im2col(x, (k, k), (stride, stride), pads)
-    reference = layers._patches(x, (k, k), (stride, stride), pads)
+    reference = dense.patches(x, (k, k), (stride, stride), pads)
     chex.assert_equal_shape([out, reference])
     np.testing.assert_array_equal(np.asarray(out), np.asarray(reference))  # Copies, exactly.
     xs = jnp.stack([x, -x])
     chex.assert_trees_all_close(
         jax.vmap(lambda x: native.im2col(x, (k, k), (stride, stride), pads))(xs),
-        jax.vmap(lambda x: layers._patches(x, (k, k), (stride, stride), pads))(xs),
+        jax.vmap(lambda x: dense.patches(x, (k, k), (stride, stride), pads))(xs),
     )
 
 
@@ -242,7 +245,7 @@ def test_expand_depthwise_equals_its_composition(available, shape, cin, k, strid
 
     def reference(x, expand, in_scale, kernel, scale):
         activated = jnp.clip(jnp.dot(x, expand, precision="highest") * in_scale + in_shift, 0, 6)
-        out = layers._shifted_sum(layers._pad_nhwc(activated, pads), kernel, (stride, stride))
+        out = depthwise.shifted_sum(pad_ops.pad_nhwc(activated, pads), kernel, (stride, stride))
         return jnp.clip(out * scale + shift, 0.0, 6.0)
 
     def fused(x, expand, in_scale, kernel, scale):

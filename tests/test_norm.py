@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kfor1.norm import BatchNorm, batch_norm_train
+from kfor1.layers.norm import BatchNorm, batch_norm_train
 
 
 def _inputs(shape=(4, 5, 6, 8), seed=0):

@@ -14,13 +14,14 @@ import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from tiny_models import TinyCNN
+from tiny_models import TinyCNN, pretrained_like
 
 from kfor1.multitask import Task, init_multitask, task_variables
 from kfor1.optim import patch_optimizer
 from kfor1.sharding import make_mesh, shard_batch, shard_state
-from kfor1.spec import flatten, partition, unflatten
+from kfor1.spec import partition
 from kfor1.step import make_train_step
+from kfor1.tree import flatten
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 STEPS = 3
@@ -28,14 +29,7 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def variables():
-    """TinyCNN variables with BN scales/biases moved off 1/0 (so no gradient is exactly 0)."""
-    model = TinyCNN()
-    init = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-    flat = flatten(init["params"])
-    for i, path in enumerate(sorted(flat)):
-        if path.endswith(("_bn/scale", "_bn/bias")):
-            flat[path] = flat[path] + 0.2 * jax.random.normal(jax.random.key(i), flat[path].shape)
-    return {"params": unflatten(flat), "batch_stats": init["batch_stats"]}
+    return pretrained_like()
 
 
 @pytest.fixture(scope="module")

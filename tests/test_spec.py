@@ -12,28 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_models import TinyCNN
 
 import kfor1
 from kfor1.report import report
-from kfor1.spec import PATCH, SHARED, PatchSpecError, flatten, partition, stats_labels
-
-
-class SmallCNN(nn.Module):
-    """Conv stem + BN, depthwise conv + BN, 1x1 conv with bias + BN, Dense head."""
-
-    num_classes: int = 5
-    channels: int = 8
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = nn.Conv(self.channels, (3, 3), strides=2, use_bias=False, name="stem")(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, name="stem_bn")(x))
-        x = nn.Conv(self.channels, (3, 3), feature_group_count=self.channels, use_bias=False,
-                    name="dw")(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, name="dw_bn")(x))
-        x = nn.Conv(16, (1, 1), use_bias=True, name="pw")(x)
-        x = nn.relu(nn.BatchNorm(use_running_average=not train, name="pw_bn")(x))
-        return nn.Dense(self.num_classes, name="head")(x.mean((1, 2)))
+from kfor1.spec import PATCH, SHARED, PatchSpecError, partition, stats_labels
+from kfor1.tree import flatten
 
 
 class WithLayerNorm(nn.Module):
@@ -69,7 +53,7 @@ def patch_size(params, labels) -> int:
 
 @pytest.fixture(scope="module")
 def small():
-    return _init(SmallCNN())
+    return _init(TinyCNN())
 
 
 @pytest.fixture(scope="module")

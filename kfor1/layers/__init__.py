@@ -11,14 +11,14 @@ Modules of this package, in the order they build on each other:
 - ``padding``: the implementation choice, TensorFlow-style padding, shared window arithmetic;
 - ``native``: the compiled CPU kernels (C++ in ``csrc/``, built on first use, XLA FFI);
 - ``depthwise``: the depthwise convolution and its gradients;
-- ``conv``: dense convolutions (1x1 products, few-channel stems);
+- ``dense``: dense convolutions (1x1 products, few-channel stems);
 - ``fused``: inference blocks in one kernel (BatchNorm + ReLU6, the 1x1 expansion);
 - ``modules``: ``Conv`` and ``DepthwiseConv``, ``flax.linen`` modules over the above;
 - ``norm``: ``BatchNorm``, Flax's, with a closed-form training gradient.
 """
 
 from kfor1.layers import native, norm
-from kfor1.layers.conv import IM2COL_MAX_CHANNELS, conv
+from kfor1.layers.dense import IM2COL_MAX_CHANNELS, conv
 from kfor1.layers.depthwise import depthwise_conv
 from kfor1.layers.fused import (
     EXPAND_FUSE_MAX_CHANNELS,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kfor1.layers import native
-from kfor1.layers.conv import pointwise
+from kfor1.layers.dense import pointwise
 from kfor1.layers.depthwise import check_kernel, depthwise_conv
 from kfor1.layers.padding import Padding, as_pair, resolve_impl, resolve_padding
 

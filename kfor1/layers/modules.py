@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kfor1.layers.conv import conv
+from kfor1.layers.dense import conv
 from kfor1.layers.depthwise import depthwise_conv
 from kfor1.layers.fused import depthwise_conv_bn_relu6, expand_depthwise_bn_relu6
 from kfor1.layers.padding import Padding, as_pair
