@@ -41,8 +41,14 @@ def _flag_message(exc: BaseException) -> str:
     ml_collections wraps with its traceback) by its last line, an unknown field by its name."""
     text = str(exc)
     if isinstance(exc, AttributeError):  # ml_collections: "'num_stepz'\nDid you mean ...?"
-        name, _, hint = text.partition("\n")
+        message: object = exc
+        while isinstance(message, BaseException) and message.args:  # A KeyError inside.
+            message = message.args[0]
+        name, _, hint = str(message).partition("\n")
         return f"unknown config field {name.strip(chr(39))!r}" + (f"; {hint}" if hint else "")
+    errno = re.search(r"\[Errno \d+\] (.+)$", text, flags=re.MULTILINE)
+    if errno:  # ml_collections lists every path it tried; the reason names the file.
+        return f"cannot load the config file: {errno.group(1)}"
     errors = re.findall(r"^\w*(?:Error|Exception): (.+)$", text, flags=re.MULTILINE)
     return one_line(errors[-1] if errors else text)
 
@@ -68,6 +74,8 @@ def parse_train_args(argv: Sequence[str]) -> tuple[Any, str, int | None]:
     try:
         rest = fv(args)
         value = config.value
+        if value is not None:
+            value.keys()  # A file that failed to load raises on first use: make that now.
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
         raise ConfigError(_flag_message(e)) from None
     if rest[1:]:
