@@ -6,6 +6,8 @@ Read as a specification of ``kfor1.patchfile``.
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -49,6 +51,7 @@ def test_metadata_and_description_of_a_written_patch(trained_run):
         model=s.config.model, weights=s.config.weights, source=s.base.source,
         dataset=t.info.name,
     )
+    meta = json.loads(json.dumps(meta))  # As stored: tuples become lists.
     stored = load_patch(workdir / "patches" / "colours").meta
     assert {k: stored[k] for k in meta if k != "base"} == {k: meta[k] for k in meta
                                                           if k != "base"}

@@ -84,7 +84,8 @@ def test_nan_loss_stops_with_advice_and_keeps_the_last_checkpoint(colours, tmp_p
         ({"schedule": "step"}, "use cosine, constant or onecycle"),
         ({"num_steps": 0}, "must be positive"),
         ({"task_chunk": -2}, r"use 0 \(auto\), -1 \(all tasks at once\)"),
-        ({"batch_size": 3, "mesh.data": 2}, "does not split over the mesh's 2-way"),
+        ({"batch_size": 3, "mesh.tasks": 4, "mesh.data": 2},
+         "batch_size=3 does not split over the mesh's 2-way"),
     ],
 )
 def test_bad_config_values_name_the_fix_before_anything_is_written(colours, tmp_path,
