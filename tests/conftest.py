@@ -32,3 +32,24 @@ def trained_run(colours, tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("uninterrupted")
     return workdir, train(run_config(colours), str(workdir))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Pretrained-like variables of the 5-class ``tiny_models.TinyCNN``."""
+    from tiny_models import BASE_CLASSES, pretrained_like
+
+    return pretrained_like(BASE_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    """The paper's MobileNetV2 (width 0.35, 5 classes, no dropout) and its variables at 32 px."""
+    import jax
+    import jax.numpy as jnp
+
+    import kfor1
+
+    model = kfor1.create("mobilenet_v2_035", num_classes=5, dropout_rate=0.0)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    return model, variables

@@ -12,11 +12,9 @@ import numpy as np
 import optax
 import pytest
 from tiny_models import (
-    BASE_CLASSES,
     TOL,
     TinyCNN,
     make_batch,
-    pretrained_like,
 )
 
 from kfor1.config import base_config
@@ -25,12 +23,6 @@ from kfor1.optim import build_optimizer, patch_optimizer
 from kfor1.spec import SHARED, partition
 from kfor1.step import make_train_step
 from kfor1.tree import flatten
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return pretrained_like(BASE_CLASSES)
-
 
 # --- per-group optimisers --------------------------------------------------------------------
 

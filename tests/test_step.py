@@ -15,35 +15,20 @@ import numpy as np
 import optax
 import pytest
 from tiny_models import (
-    BASE_CLASSES,
     TOL,
     TinyCNN,
     build_state,
     make_batch,
-    pretrained_like,
     run_steps,
     slice_batch,
     split_flat,
 )
 
-import kfor1
 from kfor1.multitask import Task, init_multitask, task_variables
 from kfor1.optim import patch_optimizer
 from kfor1.spec import partition
 from kfor1.step import make_eval_step, make_predict_fn, make_train_step
 from kfor1.tree import flatten, unflatten
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return pretrained_like(BASE_CLASSES)
-
-
-@pytest.fixture(scope="module")
-def mobilenet():
-    model = kfor1.create("mobilenet_v2_035", num_classes=5, dropout_rate=0.0)
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    return model, variables
 
 
 def test_fused_inference_equals_layer_by_layer_inference(mobilenet, monkeypatch):
