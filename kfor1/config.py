@@ -112,13 +112,17 @@ def apply_overrides(
     return config
 
 
+# The paper's base: MobileNetV2 1.0 with torchvision's ImageNet weights (packaged offline).
+PAPER_MODEL = "mobilenet_v2"
 PAPER_ARGS = {"patch", "model", "weights", "num_steps", "batch_size", "resolution"}
 
 
 def paper_transfer(dataset: str, name: str, num_steps: int, arg: str | None):
-    """A transfer experiment of the paper: full schedule, sized for an accelerator host."""
+    """A transfer experiment of the paper: its base (ImageNet MobileNetV2 1.0, 224 px), full
+    schedule, sized for an accelerator host; ``model=`` picks another base."""
     args = parse_arg(arg)
     config = base_config()
+    config.model = PAPER_MODEL
     config.tasks = [task(dataset, name=name, resolution=int(args.get("resolution", 0)))]
     config.num_steps = num_steps
     config.batch_size = 128

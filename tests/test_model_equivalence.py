@@ -401,6 +401,24 @@ def test_packaged_lite0_classifies_photos_like_pytorch(photos):
     assert_logits_close(logits, torch_logits(ref, x), tolerance=1e-3)
 
 
+def test_packaged_mobilenet_v2_classifies_photos_like_pytorch(photos):
+    """The paper's base, offline: torchvision's ImageNet checkpoint from its pip package, read
+    without torch, equals torchvision's architecture (written above) on the same file."""
+    pretrained = load_pretrained("mobilenet_v2")
+    assert pretrained.source.endswith("mobilenet_v2-b0353104.pth")
+    images = np.stack([evaluation_crop(p, pretrained.preprocessing) for p in photos])
+    chex.assert_shape(images, (2, 224, 224, 3))
+    x = np.asarray(pretrained.preprocessing.normalize(images))
+    logits = flax_logits(pretrained, x)
+    cat, coffee = np.argmax(logits, axis=-1)
+    assert cat in TABBY_TO_SIAMESE, pretrained.class_names[cat]
+    assert coffee == ESPRESSO, pretrained.class_names[coffee]
+
+    ref = TorchvisionMobileNetV2(1.0)
+    ref.load_state_dict(torch.load(packaged_weights_path("mobilenet_v2"), map_location="cpu"))
+    assert_logits_close(logits, torch_logits(ref, x), tolerance=1e-4)
+
+
 @pytest.mark.parametrize("variant", [1, 2])
 def test_packaged_lite1_lite2_recognise_espresso(variant, photos):
     pretrained = load_pretrained(f"efficientnet_lite{variant}")

