@@ -29,8 +29,12 @@ TRAIN_EXAMPLE = "kfor1 train --config configs/transfer.py:dataset=digits --workd
 def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="config file[:args], e.g. "
                         "configs/transfer.py:dataset=digits; --config.KEY=VALUE overrides")
-    parser.add_argument("--workdir", required=True,
-                        help="directory for checkpoints, metrics and patches (resumed if present)")
+    parser.add_argument("--workdir",
+                        help="directory for checkpoints, metrics and patches (resumed if "
+                        "present); required unless --dry-run")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, build model, partition and optimiser from "
+                        "shapes, report the weights and data it would read, and exit")
     parser.add_argument("--stop_at_step", type=_positive_int, default=None,
                         help="end early at this step, after checkpointing (as a preemption "
                         "would)")
@@ -53,8 +57,9 @@ def _flag_message(exc: BaseException) -> str:
     return one_line(errors[-1] if errors else text)
 
 
-def parse_train_args(argv: Sequence[str]) -> tuple[Any, str, int | None]:
-    """``(config, workdir, stop_at_step)`` from ``kfor1 train``'s arguments (absl flags).
+def parse_train_args(argv: Sequence[str]) -> tuple[Any, str | None, int | None, bool]:
+    """``(config, workdir, stop_at_step, dry_run)`` from ``kfor1 train``'s arguments (absl
+    flags; ``--dry-run`` is also spelled ``--dry_run``).
 
     Raises ``kfor1.config.ConfigError`` for a missing, unknown or unparsable flag, a config
     file that fails to load, or an unknown config field.
@@ -64,13 +69,15 @@ def parse_train_args(argv: Sequence[str]) -> tuple[Any, str, int | None]:
 
     from kfor1.config import ConfigError
 
-    args = ["kfor1 train", *argv]
+    args = ["kfor1 train", *(a.replace("--dry-run", "--dry_run", 1) if a.startswith("--dry-run")
+                             else a for a in argv)]
     fv = flags.FlagValues()  # Our own: importing kfor1 defines no global flags.
     config = config_flags.DEFINE_config_file(
         "config", None, "config file[:args]", flag_values=fv, lock_config=True, sys_argv=args
     )
     workdir = flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
     stop = flags.DEFINE_integer("stop_at_step", None, "end early at this step", flag_values=fv)
+    dry = flags.DEFINE_boolean("dry_run", False, "check the config and exit", flag_values=fv)
     try:
         rest = fv(args)
         value = config.value
@@ -80,9 +87,9 @@ def parse_train_args(argv: Sequence[str]) -> tuple[Any, str, int | None]:
         raise ConfigError(_flag_message(e)) from None
     if rest[1:]:
         raise ConfigError(f"unexpected arguments {rest[1:]}; e.g. {TRAIN_EXAMPLE}")
-    if value is None or not workdir.value:
+    if value is None or not (workdir.value or dry.value):
         raise ConfigError(f"--config and --workdir are required; e.g. {TRAIN_EXAMPLE}")
-    return value, workdir.value, stop.value
+    return value, workdir.value, stop.value, dry.value
 
 
 def _run_train(argv: Sequence[str]) -> int:
@@ -90,8 +97,16 @@ def _run_train(argv: Sequence[str]) -> int:
 
     from kfor1.train import train
 
-    config, workdir, stop_at_step = parse_train_args(argv)
+    config, workdir, stop_at_step, dry = parse_train_args(argv)
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
+    if dry:
+        from kfor1.dryrun import dry_run
+
+        text, problems = dry_run(config)
+        print(text)
+        print(f"\n{len(problems)} problem(s) for this host" + "".join(
+            f"\n- {p}" for p in problems) if problems else "\nready to train")
+        return 0
     summary = train(config, workdir, stop_at_step=stop_at_step)
     if "tasks" in summary:
         print(format_summary(summary))
@@ -190,7 +205,9 @@ def format_predictions(path: str, predictions: Sequence[Prediction]) -> str:
 def _add_params(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--patch", default="scale_bias+logits",
-                        help="patch spec: presets joined by '+' (default: %(default)s)")
+                        help="patch spec: presets joined by '+', or (regex, label) rules as a "
+                        "JSON list, e.g. '[[\"head/.*\", \"patch\"], [\".*\", \"shared\"]]' "
+                        "(default: %(default)s)")
     parser.add_argument("--num-classes", type=_positive_int, default=1000)
     parser.add_argument("--head", default=None, help="classifier module (default: last Dense)")
     parser.add_argument("--all", action="store_true", help="also list every parameter")
@@ -198,8 +215,10 @@ def _add_params(parser: argparse.ArgumentParser) -> None:
 
 def _run_params(args: argparse.Namespace) -> int:
     from kfor1.report import model_report
+    from kfor1.spec import PatchSpec
 
-    print(model_report(args.model, args.patch, args.num_classes, args.head, args.all))
+    spec = PatchSpec.from_text(args.patch)
+    print(model_report(args.model, spec, args.num_classes, args.head, args.all))
     return 0
 
 

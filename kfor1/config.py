@@ -40,6 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = "efficientnet_lite0"
     c.weights = ""  # '' = the pip-packaged ImageNet checkpoint.
     c.patch = "scale_bias+logits"
+    # Ordered (regex, label) rules over parameter paths, e.g. [("head/.*", "patch:logits"),
+    # (".*", "shared")]; when given they replace `patch` (see kfor1.spec.PatchSpec).
+    c.patch_rules = []
     c.head = ""  # '' = the last Dense layer.
     c.train_shared = False  # True: the backbone is trained jointly on the sum of task losses.
     # Tasks per chunk of the training step: 0 = auto (~64 images a chunk on one CPU device, all

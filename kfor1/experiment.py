@@ -86,18 +86,48 @@ def task_chunk(value: int) -> TaskChunk:
     )
 
 
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The model fields the config sets (``conv_impl``, ``dtype``, ``dropout_rate``, ...)."""
+    kwargs: dict[str, Any] = {"conv_impl": config.conv_impl}
+    if config.dtype != "float32":
+        kwargs["dtype"] = jnp.dtype(config.dtype)
+    if config.dropout_rate >= 0:
+        kwargs["dropout_rate"] = float(config.dropout_rate)
+    if config.bn_momentum >= 0:
+        kwargs["bn_momentum"] = float(config.bn_momentum)
+    return kwargs
+
+
 def load_base(config: ml_collections.ConfigDict) -> Pretrained:
     """``config.model`` with ``config.weights`` (or its packaged ones) and the model options."""
-    model_kwargs: dict[str, Any] = {"conv_impl": config.conv_impl}
-    if config.dtype != "float32":
-        model_kwargs["dtype"] = jnp.dtype(config.dtype)
-    if config.dropout_rate >= 0:
-        model_kwargs["dropout_rate"] = float(config.dropout_rate)
-    if config.bn_momentum >= 0:
-        model_kwargs["bn_momentum"] = float(config.bn_momentum)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # The 1000-class head stays; tasks get their own.
-        return load_pretrained(config.model, path=config.weights or None, **model_kwargs)
+        return load_pretrained(config.model, path=config.weights or None,
+                               **model_kwargs(config))
+
+
+def check_values(config: ml_collections.ConfigDict) -> tuple[TaskChunk, PatchSpec]:
+    """The checks that need nothing loaded: step and batch counts, tasks, ``task_chunk``, the
+    patch spec (parsed here, once). Returns the task chunk and the spec."""
+    if config.num_steps < 1 or config.batch_size < 1:
+        raise ValueError("config.num_steps and config.batch_size must be positive")
+    if not config.tasks:
+        raise ValueError("config.tasks is empty; give at least one task")
+    patch = list(config.patch_rules) if config.patch_rules else config.patch
+    return task_chunk(config.task_chunk), PatchSpec.parse(patch, head=config.head or None)
+
+
+def build_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """``config.mesh`` on this host's devices; the batch sizes must split over its data axis."""
+    mesh = make_mesh(config.mesh.tasks, config.mesh.data or None)
+    shards = mesh.shape["data"]
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % shards:
+            raise ValueError(
+                f"config.{key}={config[key]} does not split over the mesh's {shards}-way 'data' "
+                f"axis; use a multiple of {shards} or set --config.mesh.data to a divisor"
+            )
+    return mesh
 
 
 def _load_task(
@@ -135,22 +165,10 @@ def setup(
     Returns:
       The ``Setup``.
     """
-    if config.num_steps < 1 or config.batch_size < 1:
-        raise ValueError("config.num_steps and config.batch_size must be positive")
-    if not config.tasks:
-        raise ValueError("config.tasks is empty; give at least one task")
+    chunk, spec = check_values(config)
     if class_names is not None and len(class_names) != len(config.tasks):
         raise ValueError(f"{len(class_names)} class lists for {len(config.tasks)} tasks")
-    chunk = task_chunk(config.task_chunk)
-    spec = PatchSpec.parse(config.patch, head=config.head or None)
-    mesh = make_mesh(config.mesh.tasks, config.mesh.data or None)
-    shards = mesh.shape["data"]
-    for key in ("batch_size", "eval_batch_size"):
-        if config[key] % shards:
-            raise ValueError(
-                f"config.{key}={config[key]} does not split over the mesh's {shards}-way 'data' "
-                f"axis; use a multiple of {shards} or set --config.mesh.data to a divisor"
-            )
+    mesh = build_mesh(config)
     base = load_base(config)
     labels = partition(base.variables, spec, groups=True)
     optimizer, schedules = build_optimizer(config, labels)

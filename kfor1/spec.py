@@ -13,6 +13,7 @@ the last Dense layer (the last module with a 2-D kernel; override with ``head=``
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -87,6 +88,19 @@ class PatchSpec:
             f"a patch spec is a preset string like 'scale_bias+logits' or a list of "
             f"(regex, label) pairs, got {spec!r}"
         )
+
+    @classmethod
+    def from_text(cls, text: str, head: str | None = None) -> PatchSpec:
+        """A spec typed on a command line: presets (``scale_bias+logits``) or rules as a JSON
+        list (``'[["head/.*", "patch"], [".*", "shared"]]'``)."""
+        if text.lstrip().startswith("["):
+            try:
+                rules = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise PatchSpecError(f"patch rules {text!r} are not a JSON list of [regex, "
+                                     f"label] pairs ({e})") from None
+            return cls.parse(rules, head=head)
+        return cls.parse(text, head=head)
 
     def describe(self) -> str | list[list[str]]:
         """JSON-friendly form, stored with exported patches."""

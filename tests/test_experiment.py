@@ -47,3 +47,15 @@ def test_eval_only_setup_leaves_train_splits_closed_and_checks_classes(colours):
     with pytest.raises(ValueError, match="run's classes"):
         experiment.setup(run_config(colours), train=False,
                          class_names=[[str(d) for d in range(10)], ["red", "green", "blue"]])
+
+
+def test_a_patch_rule_that_matches_nothing_fails_before_any_data_is_read(colours, monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read before the patch rules were checked")
+
+    monkeypatch.setattr(experiment.kdata, "load_source", no_data)
+    config = run_config(colours)
+    config.patch_rules = [("head/.*", "patch:logits"), ("no/such/layer/.*", "patch"),
+                          (".*", "shared")]
+    with pytest.raises(ValueError, match="'no/such/layer/.\\*' matches no parameter"):
+        experiment.setup(config)

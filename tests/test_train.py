@@ -136,3 +136,18 @@ def test_class_mismatch_between_splits_is_an_error(tmp_path):
     config.tasks = [task(f"folder:{root}", resolution=32)]
     with pytest.raises(ValueError, match="cyan|blue"):
         train(config, str(tmp_path / "run"))
+
+
+def test_a_config_with_patch_rules_trains_and_exports_them(tmp_path):
+    root = write_folder(tmp_path / "data", per_class=2)
+    config = run_config(root, num_steps=2, log_every=1, checkpoint_every=2)
+    config.tasks = [task(f"folder:{root}", name="colours", resolution=32)]
+    config.patch_rules = [("head/.*", "patch:logits"),
+                          (".*/depthwise/conv/kernel", "patch:depthwise"), (".*", "shared")]
+    summary = train(config, str(tmp_path / "run"))
+    patch = load_patch(tmp_path / "run" / "patches" / "colours")
+    assert patch.meta["spec"] == [list(r) for r in config.patch_rules]
+    leaves = sorted(jax.tree_util.keystr(p) for p, _ in
+                    jax.tree_util.tree_flatten_with_path(patch.variables["params"])[0])
+    assert leaves and all("depthwise" in p or "head" in p for p in leaves)
+    assert summary["patch"] == patch.meta["spec"] and summary["tasks"]["colours"]["examples"] == 6
