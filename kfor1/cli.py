@@ -165,8 +165,9 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch", metavar="DIR", default=None,
                         help="a task patch (workdir/patches/<task>): classify into that task's "
                         "classes")
-    parser.add_argument("--top-k", type=_positive_int, default=5, metavar="K",
-                        help="classes to show per image (default: %(default)s)")
+    parser.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
+                        help="classes to show per image (default: 5, or all of a task's "
+                        "classes if it has fewer)")
     parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
                         help="images per forward pass (default: %(default)s)")
 
@@ -181,7 +182,12 @@ def _run_predict(args: argparse.Namespace) -> int:
         pretrained = load_patched(args.patch, weights=args.weights)
     else:
         pretrained = load_pretrained(args.model, args.weights)
-    results = top_k(pretrained, args.images, k=args.top_k, batch_size=args.batch_size)
+    classes = len(pretrained.class_names)
+    if args.top_k is not None and args.top_k > classes:
+        raise ValueError(f"--top-k {args.top_k}: {pretrained.name} has only {classes} classes; "
+                         f"use --top-k {classes} or less")
+    k = args.top_k or min(5, classes)
+    results = top_k(pretrained, args.images, k=k, batch_size=args.batch_size)
     blocks = [format_predictions(path, preds) for path, preds in zip(args.images, results)]
     print("\n\n".join(blocks))
     return 0

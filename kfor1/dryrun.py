@@ -29,6 +29,9 @@ def _weights(config: ml_collections.ConfigDict) -> str:
         if not os.path.exists(config.weights):
             raise FileNotFoundError(f"no such weights file: {config.weights}")
         return config.weights
+    entry = get_entry(config.model)
+    if entry.user:
+        return f"{entry.name}'s load_fn" if entry.load else "its own initialisation (seed 0)"
     return f"{packaged_weights_path(config.model)} (packaged)"
 
 
@@ -48,7 +51,7 @@ def dry_run(config: ml_collections.ConfigDict) -> tuple[str, list[str]]:
     """
     _, spec = check_values(config)
     entry = get_entry(config.model)
-    module = create(config.model, **model_kwargs(config))
+    module = create(config.model, num_classes=None, **model_kwargs(config))
     size = entry.preprocessing.resolution
     variables = jax.eval_shape(lambda x: module.init(jax.random.key(0), x),
                                jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
@@ -72,7 +75,8 @@ def dry_run(config: ml_collections.ConfigDict) -> tuple[str, list[str]]:
         f"of {config.batch_size} images per task; peak learning rates "
         + ", ".join(f"{g}={float(config.learning_rate[g]):g}" for g in sorted(schedules)),
         "",
-        "parameters, with the 1000-class ImageNet head (each task's own head replaces it):",
+        f"parameters, with the base's {module.num_classes}-class head (each task's own head "
+        "replaces it):",
         str(report(variables, labels)),
         "",
     ]

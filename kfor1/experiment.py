@@ -20,8 +20,9 @@ import ml_collections
 import optax
 
 from kfor1 import data as kdata
+from kfor1.config import ConfigError
 from kfor1.microbatch import TaskChunk
-from kfor1.models import Pretrained, load_pretrained
+from kfor1.models import Pretrained, get_entry, load_pretrained
 from kfor1.multitask import MultiTaskState, Task, init_multitask
 from kfor1.optim import build_optimizer
 from kfor1.sharding import make_mesh
@@ -86,8 +87,15 @@ def task_chunk(value: int) -> TaskChunk:
     )
 
 
+# The config's model options at their defaults: a user model whose factory does not take one
+# simply does without it; set to anything else, it is a config mistake.
+_OPTION_DEFAULTS = {"conv_impl": "auto", "bn_momentum": 0.9}
+
+
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The model fields the config sets (``conv_impl``, ``dtype``, ``dropout_rate``, ...)."""
+    """The model fields the config sets (``conv_impl``, ``dtype``, ``dropout_rate``, ...); for a
+    user model, those its factory accepts (an option it does not take must stay at its
+    default)."""
     kwargs: dict[str, Any] = {"conv_impl": config.conv_impl}
     if config.dtype != "float32":
         kwargs["dtype"] = jnp.dtype(config.dtype)
@@ -95,7 +103,19 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
         kwargs["dropout_rate"] = float(config.dropout_rate)
     if config.bn_momentum >= 0:
         kwargs["bn_momentum"] = float(config.bn_momentum)
-    return kwargs
+    entry = get_entry(config.model)
+    if not entry.user:
+        return kwargs
+    accepted = {}
+    for key, value in kwargs.items():
+        if entry.accepts(key):
+            accepted[key] = value
+        elif key not in _OPTION_DEFAULTS or _OPTION_DEFAULTS[key] != value:
+            raise ConfigError(
+                f"config.{key}={config[key]!r}: model {config.model!r} takes no {key!r} "
+                f"argument; leave config.{key} at its default or add {key} to its factory"
+            )
+    return accepted
 
 
 def load_base(config: ml_collections.ConfigDict) -> Pretrained:

@@ -12,13 +12,25 @@ from kfor1.models.pretrained import (
     load_pretrained,
     packaged_weights_path,
 )
-from kfor1.models.registry import Preprocessing, available_models, create, get_entry
+from kfor1.models.registry import (
+    DEFAULT_PREPROCESSING,
+    ModelEntry,
+    Preprocessing,
+    UnknownModelError,
+    available_models,
+    create,
+    get_entry,
+    register,
+    unregister,
+)
 from kfor1.models.torch_checkpoint import CheckpointFormatError, read_torch_state_dict
 
 __all__ = [
+    "DEFAULT_PREPROCESSING",
     "BlockSpec",
     "CheckpointFormatError",
     "InvertedResidualNet",
+    "ModelEntry",
     "Preprocessing",
     "Pretrained",
     "WeightMismatchError",
@@ -33,4 +45,7 @@ __all__ = [
     "mobilenet_v2",
     "packaged_weights_path",
     "read_torch_state_dict",
+    "register",
+    "unregister",
+    "UnknownModelError",
 ]

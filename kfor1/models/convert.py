@@ -239,3 +239,24 @@ def assign(
         flat[HEAD_PATHS[0]] = np.asarray(head["params"]["kernel"])
         flat[HEAD_PATHS[1]] = np.asarray(head["params"]["bias"])
     return flax.traverse_util.unflatten_dict(flat, sep="/")
+
+
+def check_shapes(expected: Any, variables: Any, source_name: str) -> None:
+    """Raises ``WeightMismatchError`` unless ``variables`` has exactly ``expected``'s leaves
+    (paths and shapes): the check a user's ``load_fn`` gets before its weights are trained."""
+    if not isinstance(variables, Mapping):
+        raise WeightMismatchError(f"{source_name} returned a {type(variables).__name__}; it "
+                                  "must return the model's variables, a dict like model.init's")
+    want = flax.traverse_util.flatten_dict(dict(expected), sep="/")
+    got = flax.traverse_util.flatten_dict(dict(variables), sep="/")
+    for what, keys in (("lacks", sorted(set(want) - set(got))),
+                       ("has extra", sorted(set(got) - set(want)))):
+        if keys:
+            raise WeightMismatchError(f"{source_name} {what} {len(keys)} variables compared "
+                                      f"with model.init, e.g. {', '.join(keys[:3])}")
+    for path, abstract in want.items():
+        if tuple(np.shape(got[path])) != tuple(abstract.shape):
+            raise WeightMismatchError(
+                f"shape mismatch for {path}: the model expects {tuple(abstract.shape)}, "
+                f"{source_name} gives {tuple(np.shape(got[path]))}"
+            )

@@ -18,16 +18,18 @@ import os
 import zipfile
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from kfor1.microbatch import MicroBatch, map_micro_batches
 from kfor1.models import convert
-from kfor1.models.inverted_residual import InvertedResidualNet
 from kfor1.models.keras_weights import HDF5_MAGIC, from_keras_model, read_keras_weights
 from kfor1.models.registry import (
     TORCHVISION_PREPROCESSING,
+    ModelEntry,
     Preprocessing,
+    create,
     get_entry,
 )
 from kfor1.models.torch_checkpoint import CheckpointFormatError, read_torch_state_dict
@@ -65,7 +67,7 @@ class Pretrained:
     """A model with its weights and everything inference needs."""
 
     name: str
-    model: InvertedResidualNet
+    model: nn.Module  # An InvertedResidualNet, or a user model's module.
     variables: dict[str, Any]
     preprocessing: Preprocessing
     class_names: tuple[str, ...]
@@ -177,7 +179,7 @@ def detect_format(path: str) -> str:
 def load_pretrained(
     name: str,
     path: str | os.PathLike | Any | None = None,
-    num_classes: int = 1000,
+    num_classes: int | None = None,
     rng: jax.Array | None = None,
     **model_kwargs: Any,
 ) -> Pretrained:
@@ -185,11 +187,15 @@ def load_pretrained(
 
     ``path`` is a weights file (PyTorch or Keras, detected from its content) or a live Keras
     model; EfficientNet-Lite0/1/2 and MobileNetV2 1.0 default to their pip-packaged
-    checkpoints. A ``num_classes``
-    other than the file's re-initialises the head (with ``rng``) and warns.
-    ``model_kwargs`` override model fields such as ``dtype`` or ``conv_impl``.
+    checkpoints. A ``num_classes`` other than the file's (None: 1000) re-initialises the head
+    (with ``rng``) and warns. ``model_kwargs`` override model fields such as ``dtype`` or
+    ``conv_impl``. A user model (``kfor1.models.register`` or ``"module:factory"``) loads
+    through its ``load_fn``, or without one starts from its seed-0 initialisation.
     """
     entry = get_entry(name)
+    if entry.user:
+        return _load_user(entry, path, num_classes, rng, model_kwargs)
+    num_classes = 1000 if num_classes is None else num_classes
     if path is None:
         path = packaged_weights_path(name)
     keras_model = path if hasattr(path, "layers") and hasattr(path, "weights") else None
@@ -230,3 +236,35 @@ def load_pretrained(
     )
     return Pretrained(name, model, variables, preprocessing, class_names, source)
 
+
+
+def _load_user(
+    entry: ModelEntry, path: Any, num_classes: int | None, rng: jax.Array | None,
+    model_kwargs: dict[str, Any],
+) -> Pretrained:
+    """A user model with its ``load_fn``'s variables, checked against the model's own shapes;
+    without a ``load_fn``, ``model.init`` with ``rng`` (default seed 0: the same base, and so the
+    same fingerprint, every time it is built)."""
+    model = create(entry.name, num_classes=num_classes, **model_kwargs)
+    size = entry.preprocessing.resolution
+    seeded = rng is None
+    rng = jax.random.key(0) if seeded else rng
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+    if entry.load is None:
+        if path is not None:
+            raise ValueError(
+                f"model {entry.name!r} has no load_fn, so it cannot read the weights file "
+                f"{os.fspath(path)}: register it with load_fn=, or drop --weights"
+            )
+        variables = jax.jit(model.init)(rng, dummy)
+        source = "random init (seed 0)" if seeded else "random init"
+    else:
+        expected = jax.eval_shape(model.init, rng, dummy)
+        variables = entry.load(model, None if path is None else os.fspath(path))
+        convert.check_shapes(expected, variables, f"{entry.name}'s load_fn")
+        source = os.fspath(path) if path is not None else f"{entry.name}'s load_fn"
+    variables = jax.tree.map(jnp.asarray, dict(variables))
+    classes = int(model.num_classes)
+    class_names = imagenet_class_names() if classes == 1000 else tuple(
+        f"class_{i}" for i in range(classes))
+    return Pretrained(entry.name, model, variables, entry.preprocessing, class_names, source)
