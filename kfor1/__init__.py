@@ -10,6 +10,9 @@ Public API:
 - patches: ``PatchSpec``, ``partition``, ``report``, ``patch_optimizer``;
 - multi-task training: ``Task``, ``init_multitask``, ``task_variables``, ``make_train_step``,
   ``make_eval_step``, ``make_predict_fn`` (inference in micro-batches: ``kfor1.microbatch``);
+- patch files: ``export_patch``, ``load_patch``, ``apply_patch``, ``load_patched`` (a task's
+  model from its patch directory) and, for runs that train their backbone, the base they apply
+  to: ``export_base``, ``load_base_dir``;
 - devices: ``make_mesh``, ``shard_state``, ``shard_batch``;
 - layers: ``kfor1.layers`` (backend-chosen depthwise, 1x1 and stem convolutions; on CPU the
   depthwise kernels are compiled on first use, ``kfor1.layers.native``, also ``kfor1.native``)
@@ -21,11 +24,13 @@ The trainer (config -> workdir) is ``kfor1.train.train``; the command line is ``
 """
 
 from kfor1 import layers, microbatch, models
+from kfor1.basefile import export_base, load_base_dir
 from kfor1.errors import TrainingError, UserError
 from kfor1.layers import native, norm
 from kfor1.models import Pretrained, create, load_pretrained
 from kfor1.multitask import Layout, MultiTaskState, Task, init_multitask, task_variables
 from kfor1.optim import patch_optimizer
+from kfor1.patchfile import apply_patch, export_patch, load_patch, load_patched
 from kfor1.report import PatchReport, report
 from kfor1.sharding import make_mesh, shard_batch, shard_state
 from kfor1.spec import PRESETS, PatchSpec, PatchSpecError, partition, stats_labels
@@ -45,9 +50,15 @@ __all__ = [
     "TrainingError",
     "UserError",
     "__version__",
+    "apply_patch",
     "create",
+    "export_base",
+    "export_patch",
     "init_multitask",
     "layers",
+    "load_base_dir",
+    "load_patch",
+    "load_patched",
     "load_pretrained",
     "microbatch",
     "make_eval_step",

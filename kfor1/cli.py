@@ -146,10 +146,12 @@ def _add_export(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from kfor1.workdir import export_workdir
+    from kfor1.workdir import Workdir, export_workdir, load_config
 
     for name, path in export_workdir(args.workdir, args.out, args.step).items():
         print(f"{name}: {path}")
+    if load_config(args.workdir).train_shared:
+        print(f"trained base: {Workdir(args.out or args.workdir).base}")
     return 0
 
 
@@ -165,6 +167,9 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch", metavar="DIR", default=None,
                         help="a task patch (workdir/patches/<task>): classify into that task's "
                         "classes")
+    parser.add_argument("--base", metavar="DIR", default=None,
+                        help="with --patch: the exported base it applies to (default: the one "
+                        "its run wrote, for patches of a run that trained its backbone)")
     parser.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
                         help="classes to show per image (default: 5, or all of a task's "
                         "classes if it has fewer)")
@@ -179,7 +184,9 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.patch:
         from kfor1.patchfile import load_patched
 
-        pretrained = load_patched(args.patch, weights=args.weights)
+        pretrained = load_patched(args.patch, weights=args.weights, base=args.base)
+    elif args.base:
+        raise ValueError("--base needs --patch: it is the base a task's patch applies to")
     else:
         pretrained = load_pretrained(args.model, args.weights)
     classes = len(pretrained.class_names)

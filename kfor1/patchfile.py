@@ -9,16 +9,15 @@ on, so that applying it to a different base is refused instead of silently wrong
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import flax.serialization
 import numpy as np
 
+from kfor1.basefile import atomic_write, fingerprint, load_base_dir, patch_leaves
 from kfor1.errors import UserError
 from kfor1.multitask import MultiTaskState, task_variables
 from kfor1.spec import PatchSpec
@@ -50,21 +49,10 @@ class Patch:
         return int(self.meta["num_classes"])
 
 
-def fingerprint(variables: dict[str, Any], exclude: set[str] = frozenset()) -> str:
-    """SHA-256 over every leaf (path, dtype, shape, bytes) not in ``exclude``."""
-    digest = hashlib.sha256()
-    for path, value in sorted(flatten(variables).items()):
-        if path in exclude:
-            continue
-        value = np.ascontiguousarray(np.asarray(value))
-        digest.update(f"{path}|{value.dtype.str}|{value.shape}|".encode())
-        digest.update(value.tobytes())
-    return digest.hexdigest()
-
-
 def task_meta(
     *, class_names: Sequence[str], preprocessing: Any, resolution: int, crop_fraction: float,
     spec: PatchSpec, model: str, weights: str, source: str, dataset: str,
+    trained_base: str | None = None,
 ) -> dict[str, Any]:
     """The metadata a trained task's patch file carries beside its arrays (``export_patch``
     adds the format, the counts and the base fingerprint).
@@ -78,14 +66,18 @@ def task_meta(
       model, weights, source: the base's registered name, its weights file ("" or "packaged":
         the pip-packaged weights) and that file's name.
       dataset: the task's data source.
+      trained_base: for a run that trained its backbone, the path of its exported base
+        relative to the patch directory (``kfor1.basefile``); None: the pretrained base.
     """
+    base = {"model": model, "weights": weights or "packaged", "source": os.path.basename(source)}
+    if trained_base is not None:
+        base.update(trained=True, dir=trained_base)
     return {
         "class_names": list(class_names),
         "preprocessing": {**preprocessing.to_dict(), "resolution": int(resolution),
                           "crop_fraction": float(crop_fraction)},
         "spec": spec.describe(),
-        "base": {"model": model, "weights": weights or "packaged",
-                 "source": os.path.basename(source)},
+        "base": base,
         "dataset": dataset,
     }
 
@@ -105,21 +97,6 @@ def describe(directory: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def _patch_leaves(state: MultiTaskState) -> set[str]:
-    layout = state.layout
-    return {f"params/{p}" for p in layout.patch_paths()} | {
-        f"batch_stats/{p}" for p in layout.patch_stat_paths()
-    }
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def export_patch(
     state: MultiTaskState, task: int | str, directory: str | os.PathLike, meta: dict[str, Any]
 ) -> str:
@@ -129,7 +106,7 @@ def export_patch(
     Both files are written atomically, so an interrupted export never leaves a broken patch.
     """
     full = task_variables(state, task)
-    keep = _patch_leaves(state)
+    keep = patch_leaves(state)
     patch = unflatten({p: np.asarray(v) for p, v in flatten(full).items() if p in keep})
     index = task if isinstance(task, int) else [t.name for t in state.layout.tasks].index(task)
     info = state.layout.tasks[index]
@@ -149,9 +126,9 @@ def export_patch(
     meta["base"] = {**meta.get("base", {}), "fingerprint": fingerprint(full, exclude=keep)}
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    _atomic_write(os.path.join(directory, WEIGHTS_FILE), flax.serialization.msgpack_serialize(
+    atomic_write(os.path.join(directory, WEIGHTS_FILE), flax.serialization.msgpack_serialize(
         patch))
-    _atomic_write(os.path.join(directory, META_FILE), json.dumps(meta, indent=2).encode())
+    atomic_write(os.path.join(directory, META_FILE), json.dumps(meta, indent=2))
     return directory
 
 
@@ -193,8 +170,16 @@ def apply_patch(base_variables: dict[str, Any], patch: Patch) -> dict[str, Any]:
             f"the patch has parameters the base model lacks, e.g. {unknown[:3]}; it was made for "
             f"{patch.meta.get('base', {}).get('model')!r}"
         )
-    expected = patch.meta.get("base", {}).get("fingerprint")
+    base_meta = patch.meta.get("base", {})
+    expected = base_meta.get("fingerprint")
     actual = fingerprint(base_variables, exclude=set(leaves))
+    if expected != actual and base_meta.get("trained"):
+        raise PatchFileError(
+            f"this patch was trained together with its backbone (train_shared) and needs that "
+            f"run's exported base: {base_meta.get('model')!r} with fingerprint {expected[:12]}… "
+            f"(these weights are {actual[:12]}…); load it from the run's base/ directory "
+            "(load_patched(..., base=DIR), kfor1 predict --base DIR)"
+        )
     if expected != actual:
         raise PatchFileError(
             f"this patch was trained on a different base model (fingerprint {str(expected)[:12]}"
@@ -208,11 +193,15 @@ def apply_patch(base_variables: dict[str, Any], patch: Patch) -> dict[str, Any]:
     return unflatten({**base, **leaves})
 
 
-def load_patched(directory: str | os.PathLike, weights: str | None = None) -> Any:
+def load_patched(
+    directory: str | os.PathLike, weights: str | None = None, base: str | os.PathLike | None = None
+) -> Any:
     """The task model a patch describes, ready for inference (a ``kfor1.models.Pretrained``).
 
-    The base is loaded as the patch records it (``weights`` overrides the file); a base whose
-    weights differ from the patch's is refused.
+    The base is loaded as the patch records it: the pretrained weights (``weights`` overrides
+    the file) or, for a patch of a run that trained its backbone, that run's exported base
+    (found beside the patches; ``base`` names another directory). A base whose weights differ
+    from the patch's is refused.
     """
     import warnings
 
@@ -220,13 +209,28 @@ def load_patched(directory: str | os.PathLike, weights: str | None = None) -> An
 
     patch = load_patch(directory)
     base_meta = patch.meta.get("base", {})
-    path = weights or (None if base_meta.get("weights") in (None, "", "packaged")
-                       else base_meta["weights"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # The base's head is replaced by the patch's.
-        base = load_pretrained(base_meta["model"], path=path)
-    variables = apply_patch(base.variables, patch)
+    if base is None and base_meta.get("trained"):
+        if weights is not None:
+            raise PatchFileError(
+                f"patch {os.fspath(directory)} was trained with its backbone: it needs its run's "
+                "exported base directory (base=, --base), not a weights file"
+            )
+        base = os.path.normpath(os.path.join(os.fspath(directory), base_meta.get("dir", "")))
+        if not os.path.isdir(base):
+            raise PatchFileError(
+                f"patch {os.fspath(directory)} was trained with its backbone and its run's "
+                f"exported base is not at {base}; pass the run's base/ directory (base=, --base)"
+            )
+    if base is not None:
+        pretrained = load_base_dir(base)
+    else:
+        path = weights or (None if base_meta.get("weights") in (None, "", "packaged")
+                           else base_meta["weights"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # The base's head is replaced by the patch's.
+            pretrained = load_pretrained(base_meta["model"], path=path)
+    variables = apply_patch(pretrained.variables, patch)
     preprocessing = Preprocessing.from_dict(patch.meta["preprocessing"])
-    model = base.model.clone(num_classes=patch.num_classes)
+    model = pretrained.model.clone(num_classes=patch.num_classes)
     return Pretrained(f"{base_meta['model']}+{patch.meta['task']}", model, variables,
                       preprocessing, patch.class_names, os.fspath(directory))

@@ -9,6 +9,8 @@ Layout::
     events.out.tfevents.*  the same scalars for TensorBoard
     checkpoints/<step>/    orbax checkpoints (resumed automatically, a bounded number kept)
     patches/<task>/        one patch file per task (see kfor1.patchfile)
+    base/                  train_shared runs only: the trained base the patches apply to
+                           (see kfor1.basefile)
     summary.json           per task: eval accuracy, patch parameters, patch bytes; totals
 
 ``evaluate_workdir`` and ``export_workdir`` need only the workdir; they set the run up without
@@ -24,6 +26,7 @@ import os
 
 import ml_collections
 
+from kfor1.basefile import atomic_write, export_base, patch_leaves, trained_base
 from kfor1.checkpoint import Checkpointer
 from kfor1.evaluate import Results, evaluate
 from kfor1.experiment import Setup, setup
@@ -36,6 +39,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 PATCHES_DIR = "patches"
+BASE_DIR = "base"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +71,10 @@ class Workdir:
     def checkpoints(self) -> str:
         return os.path.join(self.root, CHECKPOINTS_DIR)
 
+    @property
+    def base(self) -> str:
+        return os.path.join(self.root, BASE_DIR)
+
     def patch(self, task: str) -> str:
         return os.path.join(self.root, PATCHES_DIR, task)
 
@@ -75,21 +83,14 @@ def as_workdir(workdir: str | os.PathLike | Workdir) -> Workdir:
     return workdir if isinstance(workdir, Workdir) else Workdir(os.fspath(workdir))
 
 
-def _write_json(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)  # Never a half-written file, even when interrupted.
-
-
 def save_run(s: Setup, workdir: str | Workdir) -> None:
     """Writes ``config.json`` and ``tasks.json`` at the start of a run."""
     workdir = as_workdir(workdir)
     os.makedirs(workdir.root, exist_ok=True)
-    _write_json(workdir.config, s.config.to_json_best_effort(indent=2))
+    atomic_write(workdir.config, s.config.to_json_best_effort(indent=2))
     tasks = [{"name": t.task.name, "dataset": t.info.name, "resolution": t.task.resolution,
               "class_names": list(t.info.class_names)} for t in s.tasks]
-    _write_json(workdir.tasks, json.dumps(tasks, indent=2))
+    atomic_write(workdir.tasks, json.dumps(tasks, indent=2))
 
 
 def load_config(workdir: str | Workdir) -> ml_collections.ConfigDict:
@@ -135,8 +136,17 @@ def restore(workdir: str | Workdir, step: int | None = None) -> tuple[Setup, Mul
 
 
 def export_patches(s: Setup, state: MultiTaskState, workdir: str | Workdir) -> dict[str, str]:
-    """Writes ``patches/<task>/`` for every task of the run; returns their directories."""
+    """Writes ``patches/<task>/`` for every task of the run, and for a run that trained its
+    backbone (``train_shared``) the base they apply to, ``base/``; returns the patch dirs."""
     workdir = as_workdir(workdir)
+    if s.config.train_shared:
+        export_base(
+            trained_base(state, s.base.variables), s.base.model, patch_leaves(state),
+            workdir.base, {"model": s.config.model, "preprocessing": s.base.preprocessing.to_dict(),
+                           "started_from": {"weights": s.config.weights or "packaged",
+                                            "source": os.path.basename(s.base.source)},
+                           "step": int(state.step)},
+        )
     out = {}
     for i, t in enumerate(s.tasks):
         meta = task_meta(
@@ -144,6 +154,8 @@ def export_patches(s: Setup, state: MultiTaskState, workdir: str | Workdir) -> d
             resolution=t.task.resolution, crop_fraction=s.eval_crop_fraction, spec=s.spec,
             model=s.config.model, weights=s.config.weights, source=s.base.source,
             dataset=t.info.name,
+            trained_base=(os.path.relpath(workdir.base, workdir.patch(t.task.name))
+                          if s.config.train_shared else None),
         )
         out[t.task.name] = export_patch(state, i, workdir.patch(t.task.name), meta)
     return out
