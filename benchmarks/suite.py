@@ -1,4 +1,5 @@
-"""Benchmark suite: kfor1 against PyTorch on EfficientNet-Lite0, and kfor1 against itself.
+"""Benchmark suite: kfor1 against PyTorch on EfficientNet-Lite0 or MobileNetV2 1.0 (the paper's
+base, ``--model mobilenet_v2``), and kfor1 against itself.
 
 Six sections, all measured in one process (``--only`` picks some):
 
@@ -13,10 +14,11 @@ Six sections, all measured in one process (``--only`` picks some):
 6. ``flops``: FLOPs per step (XLA's cost analysis, and counted from the parameter shapes),
    achieved GFLOP/s per path, against a float32 matmul peak measured on the same machine.
 
-PyTorch runs the same network (``benchmarks/torch_lite.py``, the real packaged weights) the
-fastest way eager PyTorch offers on CPU: channels_last tensors, padding inside ``nn.Conv2d``
-(symmetric ``k // 2``: not TensorFlow's SAME at stride 2, so the outputs shift by a pixel, but the
-FLOPs are the same), ``requires_grad=False`` on frozen parameters, fused AdamW, all cores.
+PyTorch runs the same network (``benchmarks/torch_lite.py`` or ``torch_mobilenet.py``, the real
+packaged weights) the fastest way eager PyTorch offers on CPU: channels_last tensors, padding
+inside ``nn.Conv2d`` (symmetric ``k // 2``: for Lite not TensorFlow's SAME at stride 2, so the
+outputs shift by a pixel, but the FLOPs are the same; for MobileNetV2 torchvision's own, exact
+definition), ``requires_grad=False`` on frozen parameters, fused AdamW, all cores.
 
 Every measurement runs untimed warm-up steps, then timed repetitions, each one untimed "settle"
 step (the first step after switching workloads is slower) and timed steps ending in
@@ -30,6 +32,7 @@ Run from the repository root (results and how to read them: ``benchmarks/README.
 
     python -m benchmarks.suite --resolution 128 --batch 32 --json suite.json
     python -m benchmarks.suite --only patch_step,inference --ks 1,2,4
+    python -m benchmarks.suite --model mobilenet_v2 --resolution 224 --batch 32
     python -m benchmarks.suite --tiny   # 32 px, batch 2, 1 step: only checks that it runs
 """
 
@@ -63,14 +66,13 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 
 import kfor1  # noqa: E402
-from benchmarks import torch_lite  # noqa: E402
+from benchmarks import torch_lite, torch_mobilenet  # noqa: E402
 from benchmarks.conv_impl import time_steps, warm_up  # noqa: E402
 from kfor1.cpu import keep_freed_memory  # noqa: E402
 from kfor1.microbatch import MicroBatch, map_micro_batches, resolve_micro_batch  # noqa: E402
 from kfor1.models import packaged_weights_path  # noqa: E402
 from kfor1.patchfile import META_FILE, WEIGHTS_FILE, export_patch  # noqa: E402
 
-MODEL = "efficientnet_lite0"
 PATCH = "scale_bias+logits"
 PRESETS = ("logits", "scale_bias", "depthwise", "bias", "scale_bias+logits",
            "depthwise+scale_bias+logits", "full")
@@ -83,6 +85,42 @@ TARGETS = {
     "full_step": 1.0,
     "patch_vs_full": 2.0,  # kfor1 patch step / kfor1 full step
     "k_tasks": 0.95,  # images/s at K / images/s at K=1
+}
+
+
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchReference:
+    """The PyTorch network a model is compared with: ``load(path, num_classes, fast,
+    dropout_rate)``, its classifier ``nn.Linear``, its ``scale_bias+logits`` parameters, and
+    whether its fast form (padding inside the convolutions) differs from the exact one."""
+
+    load: Callable[..., Any]
+    classifier: Callable[[Any], Any]
+    patch_parameters: Callable[[Any], list]
+    fast_differs: bool
+
+
+def _lite(path: str, num_classes: int = 1000, fast: bool = False,
+          dropout_rate: float | None = None) -> Any:
+    return torch_lite.load_lite(path, num_classes=num_classes, fast=fast,
+                                dropout_rate=dropout_rate)
+
+
+def _mobilenet(path: str, num_classes: int = 1000, fast: bool = False,
+               dropout_rate: float | None = None) -> Any:
+    # torchvision pads inside nn.Conv2d: its fast form is its exact one.
+    return torch_mobilenet.load_mobilenet_v2(path, num_classes=num_classes,
+                                             dropout_rate=dropout_rate)
+
+
+# The models the suite runs (``--model``), each with its pip-packaged ImageNet weights.
+MODELS = {
+    "efficientnet_lite0": TorchReference(_lite, lambda m: m._fc,
+                                         torch_lite.bn_and_classifier_parameters, True),
+    "mobilenet_v2": TorchReference(_mobilenet, lambda m: m.classifier[1],
+                                   torch_mobilenet.bn_and_classifier_parameters, False),
 }
 
 
@@ -173,14 +211,15 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        self.reference = MODELS[args.model]
         # --tiny only checks the code: skip LLVM optimisation, which is most of the compile time.
         self.compiler_options = {"xla_backend_optimization_level": 0} if args.tiny else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "head re-initialised": a 10-class task.
-            self.pretrained = kfor1.load_pretrained(MODEL, num_classes=args.classes)
+            self.pretrained = kfor1.load_pretrained(args.model, num_classes=args.classes)
         self.model = self.pretrained.model.clone(dropout_rate=0.0)
         self.variables = self.pretrained.variables
-        self.weights_path = packaged_weights_path(MODEL)
+        self.weights_path = packaged_weights_path(args.model)
         k = max(args.ks)
         rng = np.random.default_rng(0)
         shape = (k, args.batch, args.resolution, args.resolution, 3)
@@ -263,12 +302,13 @@ class Bench:
 
     def torch_model(self, fast: bool = True) -> torch.nn.Module:
         """The packaged weights with kfor1's 10-class head, in channels_last memory."""
-        model = torch_lite.load_lite(self.weights_path, num_classes=self.args.classes, fast=fast,
-                                     dropout_rate=0.0)
+        model = self.reference.load(self.weights_path, num_classes=self.args.classes, fast=fast,
+                                    dropout_rate=0.0)
         head = self.variables["params"]["head"]["logits"]
+        classifier = self.reference.classifier(model)
         with torch.no_grad():
-            model._fc.weight.copy_(torch.from_numpy(np.array(head["kernel"]).T.copy()))
-            model._fc.bias.copy_(torch.from_numpy(np.array(head["bias"])))
+            classifier.weight.copy_(torch.from_numpy(np.array(head["kernel"]).T.copy()))
+            classifier.bias.copy_(torch.from_numpy(np.array(head["bias"])))
         return model.to(memory_format=torch.channels_last)
 
     @_cached
@@ -278,7 +318,7 @@ class Bench:
         if trainable == "patch":
             for p in model.parameters():
                 p.requires_grad_(False)
-            params = torch_lite.bn_and_classifier_parameters(model)
+            params = self.reference.patch_parameters(model)
             for p in params:
                 p.requires_grad_(True)
         else:
@@ -310,7 +350,10 @@ class Bench:
             with torch.inference_mode():
                 return model(x)
 
-        name = "torch (padding in conv)" if fast else "torch exact (TF-SAME via F.pad)"
+        if not self.reference.fast_differs:
+            name = "torch (padding in conv, exact)"
+        else:
+            name = "torch (padding in conv)" if fast else "torch exact (TF-SAME via F.pad)"
         return Workload(name, run, lambda _: None, self.args.batch, self.args.infer_steps)
 
     def check_torch_matches(self, n: int = 4) -> dict[str, float]:
@@ -320,7 +363,7 @@ class Bench:
         if "checks" not in self.results:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                imagenet = kfor1.load_pretrained(MODEL)
+                imagenet = kfor1.load_pretrained(self.args.model)
             images = self.images[0, :n]
             apply = jax.jit(imagenet.model.apply)
             expected = np.asarray(
@@ -330,7 +373,7 @@ class Bench:
             x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(
                 memory_format=torch.channels_last)
             for fast, name in ((False, "torch_exact"), (True, "torch_fast")):
-                model = torch_lite.load_lite(self.weights_path, fast=fast).eval()
+                model = self.reference.load(self.weights_path, fast=fast).eval()
                 model = model.to(memory_format=torch.channels_last)
                 with torch.inference_mode():
                     logits = model(x).numpy()
@@ -495,7 +538,7 @@ def section_patch_files(bench: Bench) -> tuple[dict[str, Any], str]:
             directory = export_patch(state, 0, os.path.join(tmp, preset.replace("+", "_")), {
                 "class_names": [f"class_{i}" for i in range(a.classes)],
                 "preprocessing": bench.pretrained.preprocessing.to_dict(),
-                "spec": preset, "base": {"model": MODEL},
+                "spec": preset, "base": {"model": a.model},
             })
             weights = os.path.getsize(os.path.join(directory, WEIGHTS_FILE))
             meta_bytes = os.path.getsize(os.path.join(directory, META_FILE))
@@ -513,7 +556,7 @@ def section_patch_files(bench: Bench) -> tuple[dict[str, Any], str]:
                 f"| {100 * (weights + meta_bytes) / full_bytes:.2f}% |"
             )
     table = [
-        f"| preset ({MODEL}, {a.classes} classes) | patch params | BN statistics "
+        f"| preset ({a.model}, {a.classes} classes) | patch params | BN statistics "
         f"| {WEIGHTS_FILE} KiB | {META_FILE} KiB | of full checkpoint |",
         "|---|---:|---:|---:|---:|---:|",
         *rows,
@@ -660,6 +703,9 @@ def _int_list(text: str) -> list[int]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="efficientnet_lite0",
+                        help="the network, with its packaged ImageNet weights (default: "
+                        "%(default)s; mobilenet_v2 is the paper's base)")
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32, help="images per step (per task)")
     parser.add_argument("--classes", type=int, default=10)
@@ -733,7 +779,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{info['torch_version']}, load average {os.getloadavg()}", flush=True)
     print(f"environment: {info['environment'] or '(no allocator/threading variables set)'}; "
           f"glibc keeps freed memory: {kept}", flush=True)
-    print(f"{MODEL}, {args.resolution} px, batch {args.batch}, {args.classes} classes; "
+    print(f"{args.model}, {args.resolution} px, batch {args.batch}, {args.classes} classes; "
           f"{args.warmup} warm-up steps, {args.repeats} repetitions of {args.settle} untimed + "
           f"{args.steps} training / {args.infer_steps} inference steps", flush=True)
     results: dict[str, Any] = {
@@ -745,10 +791,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if set(args.only) & {"patch_step", "inference", "full_step", "flops"}:
         # PyTorch is compared only if it computes what kfor1 does.
         checks = bench.check_torch_matches()
-        print(f"check: max |torch - kfor1| eval logits: exact (TF-SAME) "
-              f"{checks['torch_exact_max_abs_diff']:.2e}, fast (symmetric padding) "
-              f"{checks['torch_fast_max_abs_diff']:.2e}; logit std {checks['logit_std']:.2f}",
-              flush=True)
+        fast = (f", fast (symmetric padding) {checks['torch_fast_max_abs_diff']:.2e}"
+                if bench.reference.fast_differs else " (padding in conv: torchvision's own)")
+        print(f"check: max |torch - kfor1| eval logits: exact "
+              f"{checks['torch_exact_max_abs_diff']:.2e}{fast}; logit std "
+              f"{checks['logit_std']:.2f}", flush=True)
     for name in SECTIONS:
         if name not in args.only:
             continue

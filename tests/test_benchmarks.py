@@ -64,3 +64,23 @@ def test_suite_tiny(tmp_path, capsys):
         for entry in sections["flops"]["paths"][path].values():
             assert entry["model_flops"] > 0 and entry["model_gflops_per_s"] > 0
     assert sections["flops"]["matmul_peak"]["jnp.dot"]["gflops"] > 0
+
+
+def test_suite_tiny_on_the_papers_base(tmp_path, capsys):
+    """``--model mobilenet_v2``: torchvision's network (padding inside the convolutions is its
+    exact definition) computes kfor1's on the packaged ImageNet checkpoint, and the training
+    and inference sections run."""
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    suite = importlib.import_module("benchmarks.suite")
+    out_json = tmp_path / "suite.json"
+    assert suite.main(["--tiny", "--model", "mobilenet_v2", "--only", "patch_step,inference",
+                       "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "mobilenet_v2, 32 px" in out and "torchvision's own" in out
+    results = json.loads(out_json.read_text())
+    assert results["checks"]["torch_exact_max_abs_diff"] < 1e-3
+    assert results["checks"]["torch_fast_max_abs_diff"] < 1e-3
+    timings = results["sections"]["inference"]["timings"]
+    assert sum(name.startswith("torch") for name in timings) == 1  # Exact and fast: one model.
+    assert results["sections"]["patch_step"]["ratio"] > 0

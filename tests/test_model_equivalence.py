@@ -32,6 +32,7 @@ from kfor1.models.efficientnet_lite import VARIANTS, block_specs
 # The EfficientNet-Lite reference is shared with the benchmarks (not an installed package).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.torch_lite import LITE_PARAMS, EfficientNetLite, lite_block_table
+from benchmarks.torch_mobilenet import TorchvisionMobileNetV2
 
 nn = torch.nn
 F = torch.nn.functional
@@ -168,67 +169,7 @@ def test_conv_implementations_agree(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# MobileNetV2 as in torchvision.
-
-
-def make_divisible(v: float, divisor: int = 8, min_value: int | None = None) -> int:
-    """torchvision's _make_divisible."""
-    min_value = min_value or divisor
-    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
-    if new_v < 0.9 * v:
-        new_v += divisor
-    return new_v
-
-
-class Conv2dNormActivation(nn.Sequential):
-    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, groups: int = 1):
-        super().__init__(
-            nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(cout),  # eps 1e-5
-            nn.ReLU6(inplace=True),
-        )
-
-
-class TorchvisionInvertedResidual(nn.Module):
-    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int):
-        super().__init__()
-        hidden = int(round(inp * expand_ratio))
-        self.use_res_connect = stride == 1 and inp == oup
-        layers = []
-        if expand_ratio != 1:
-            layers.append(Conv2dNormActivation(inp, hidden, kernel=1))
-        layers += [
-            Conv2dNormActivation(hidden, hidden, stride=stride, groups=hidden),
-            nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
-            nn.BatchNorm2d(oup),
-        ]
-        self.conv = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return x + self.conv(x) if self.use_res_connect else self.conv(x)
-
-
-class TorchvisionMobileNetV2(nn.Module):
-    SETTING = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-               (6, 160, 3, 2), (6, 320, 1, 1))
-
-    def __init__(self, width_mult: float = 1.0, num_classes: int = 1000):
-        super().__init__()
-        channels = make_divisible(32 * width_mult)
-        last_channel = make_divisible(1280 * max(1.0, width_mult))
-        features = [Conv2dNormActivation(3, channels, stride=2)]
-        for t, c, n, s in self.SETTING:
-            out = make_divisible(c * width_mult)
-            for i in range(n):
-                features.append(TorchvisionInvertedResidual(channels, out, s if i == 0 else 1, t))
-                channels = out
-        features.append(Conv2dNormActivation(channels, last_channel, kernel=1))
-        self.features = nn.Sequential(*features)
-        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last_channel, num_classes))
-
-    def forward(self, x):
-        x = F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
-        return self.classifier(x)
+# MobileNetV2 as in torchvision (benchmarks/torch_mobilenet.py, shared with the benchmarks).
 
 
 def test_torchvision_reference_matches_published_facts():
