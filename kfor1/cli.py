@@ -12,6 +12,7 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -140,12 +141,27 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _add_export(parser: argparse.ArgumentParser) -> None:
-    _add_workdir(parser)
-    parser.add_argument("--out", default=None, help="directory for patches/<task>/ "
-                        "(default: the workdir)")
+    parser.add_argument("--workdir", default=None, help="the --workdir of a `kfor1 train` run")
+    parser.add_argument("--step", type=_positive_int, default=None,
+                        help="checkpoint step (default: the latest)")
+    parser.add_argument("--out", default=None, help="output directory (patches: default the "
+                        "workdir)")
+    parser.add_argument("--format", choices=("patches", "savedmodel", "tflite"),
+                        default="patches", help="patches/<task>/ from a checkpoint (default), "
+                        "or every task in one TensorFlow SavedModel or TFLite file")
+    parser.add_argument("--patch", metavar="DIR", action="append", default=None,
+                        help="with --format savedmodel/tflite: a task's patch (repeat it; "
+                        "default: every patch of --workdir)")
+    parser.add_argument("--base", metavar="DIR", default=None,
+                        help="the exported base the patches apply to (a train_shared run's)")
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    if args.format != "patches":
+        return _export_served(args)
+    if not args.workdir:
+        raise ValueError("kfor1 export needs --workdir (or --format savedmodel/tflite with "
+                         "--patch DIR ...)")
     from kfor1.workdir import Workdir, export_workdir, load_config
 
     for name, path in export_workdir(args.workdir, args.out, args.step).items():
@@ -155,18 +171,49 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_served(args: argparse.Namespace) -> int:
+    import os
+
+    from kfor1.serve.export import export
+    from kfor1.serve.requests import open_server
+
+    if not args.out:
+        raise ValueError(f"--format {args.format} needs --out DIR")
+    patches = args.patch
+    if not patches:
+        if not args.workdir:
+            raise ValueError(f"--format {args.format} needs --patch DIR ... or --workdir")
+        from kfor1.workdir import Workdir
+
+        root = os.path.dirname(Workdir(args.workdir).patch("x"))
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{args.workdir} has no patches/; train or `kfor1 export "
+                                    "--workdir` first")
+        patches = [os.path.join(root, name) for name in sorted(os.listdir(root))]
+    server = open_server(patches, base=args.base)
+    for kind, path in export(server, args.out, formats=(args.format,)).items():
+        print(f"{kind}: {path}")
+    for task in sorted(server.tasks.values(), key=lambda t: t.slot):
+        print(f"  task id {task.slot}: {task.name} ({len(task.class_names)} classes)")
+    return 0
+
+
 # --- predict ---------------------------------------------------------------------------------
 
 def _add_predict(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    parser.add_argument("images", nargs="*", metavar="IMAGE",
+                        help="image files (JPEG, PNG, ...); with several --patch, TASK=PATH")
     parser.add_argument("--model", default="efficientnet_lite0",
                         help="registered model name (default: %(default)s)")
     parser.add_argument("--weights", metavar="PATH", default=None,
                         help="PyTorch or Keras weights file (default: the model's pip-packaged "
                         "weights)")
-    parser.add_argument("--patch", metavar="DIR", default=None,
+    parser.add_argument("--patch", metavar="DIR", action="append", default=None,
                         help="a task patch (workdir/patches/<task>): classify into that task's "
-                        "classes")
+                        "classes; repeat it to serve several tasks in one batch")
+    parser.add_argument("--requests", metavar="FILE", default=None,
+                        help="CSV (task,path) or JSON lines ({\"task\", \"path\"}) of images "
+                        "to classify, each for its task")
     parser.add_argument("--base", metavar="DIR", default=None,
                         help="with --patch: the exported base it applies to (default: the one "
                         "its run wrote, for patches of a run that trained its backbone)")
@@ -175,27 +222,61 @@ def _add_predict(parser: argparse.ArgumentParser) -> None:
                         "classes if it has fewer)")
     parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
                         help="images per forward pass (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _check_top_k(top_k: int | None, classes: int, what: str) -> int:
+    if top_k is not None and top_k > classes:
+        raise ValueError(f"--top-k {top_k}: {what} has only {classes} classes; "
+                         f"use --top-k {classes} or less")
+    return top_k or min(5, classes)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    if not args.images and not args.requests:
+        raise ValueError("give image files to classify (or --requests FILE)")
+    if args.patch:
+        return _predict_tasks(args)
+    if args.base or args.requests:
+        raise ValueError("--base and --requests need --patch: they are for tasks' patches")
     from kfor1.models import load_pretrained
     from kfor1.predict import top_k
 
-    if args.patch:
-        from kfor1.patchfile import load_patched
-
-        pretrained = load_patched(args.patch, weights=args.weights, base=args.base)
-    elif args.base:
-        raise ValueError("--base needs --patch: it is the base a task's patch applies to")
-    else:
-        pretrained = load_pretrained(args.model, args.weights)
-    classes = len(pretrained.class_names)
-    if args.top_k is not None and args.top_k > classes:
-        raise ValueError(f"--top-k {args.top_k}: {pretrained.name} has only {classes} classes; "
-                         f"use --top-k {classes} or less")
-    k = args.top_k or min(5, classes)
+    pretrained = load_pretrained(args.model, args.weights)
+    k = _check_top_k(args.top_k, len(pretrained.class_names), pretrained.name)
     results = top_k(pretrained, args.images, k=k, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps([{"path": path, "top": [p._asdict() for p in preds]}
+                          for path, preds in zip(args.images, results)], indent=2))
+        return 0
     blocks = [format_predictions(path, preds) for path, preds in zip(args.images, results)]
+    print("\n\n".join(blocks))
+    return 0
+
+
+def _predict_tasks(args: argparse.Namespace) -> int:
+    """Images for one or more tasks' patches, served together (``kfor1.serve``)."""
+    from kfor1.serve.requests import open_server, parse_tagged, predict_requests, read_requests
+
+    server = open_server(args.patch, base=args.base, weights=args.weights)
+    tasks = server.tasks
+    requests = parse_tagged(args.images, list(tasks))
+    if args.requests:
+        requests += read_requests(args.requests)
+    # Each task shows up to k of its classes; a k beyond every task's classes is a mistake.
+    widest = max(tasks.values(), key=lambda t: len(t.class_names))
+    k = args.top_k or 5
+    if len(tasks) == 1 or args.top_k is not None:
+        k = _check_top_k(args.top_k, len(widest.class_names), f"task {widest.name!r}")
+    results = predict_requests(server, requests, k=k, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    blocks = []
+    for r in results:
+        header = r["path"] if len(tasks) == 1 else f"{r['path']}  [{r['task']}]"
+        preds = [Prediction(p["index"], p["name"], p["probability"]) for p in r["top"]]
+        blocks.append(format_predictions(header, preds))
     print("\n\n".join(blocks))
     return 0
 

@@ -47,21 +47,22 @@ def resolve_micro_batch(micro_batch: MicroBatch, batch: int) -> int | None:
 
 
 def map_micro_batches(
-    fn: Callable[[jax.Array], Any], x: jax.Array, micro_batch: MicroBatch = "auto"
+    fn: Callable[[Any], Any], x: Any, micro_batch: MicroBatch = "auto"
 ) -> Any:
     """``fn(x)`` computed over chunks of ``micro_batch`` rows of ``x`` in turn (``lax.map``).
 
-    ``fn`` must treat rows independently (eval mode). A batch that is not a multiple of the
-    chunk is padded with zeros, whose outputs are dropped. Works under ``jit`` and ``vmap``.
+    ``x`` is an array or a pytree of arrays with one leading (batch) size. ``fn`` must treat
+    rows independently (eval mode). A batch that is not a multiple of the chunk is padded with
+    zeros, whose outputs are dropped. Works under ``jit`` and ``vmap``.
     """
-    batch = x.shape[0]
+    batch = jax.tree.leaves(x)[0].shape[0]
     size = resolve_micro_batch(micro_batch, batch)
     if size is None:
         return fn(x)
     pad = -batch % size
     if pad:
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    out = lax.map(fn, x.reshape(-1, size, *x.shape[1:]))
+        x = jax.tree.map(lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)), x)
+    out = lax.map(fn, jax.tree.map(lambda a: a.reshape(-1, size, *a.shape[1:]), x))
     return jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:])[:batch], out)
 
 

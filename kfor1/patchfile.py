@@ -97,14 +97,10 @@ def describe(directory: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def export_patch(
-    state: MultiTaskState, task: int | str, directory: str | os.PathLike, meta: dict[str, Any]
-) -> str:
-    """Writes task ``task``'s patch to ``directory``; ``meta`` adds (at least) ``class_names``,
-    ``preprocessing``, ``spec`` and ``base`` (``{"model": name, ...}``). Returns the directory.
-
-    Both files are written atomically, so an interrupted export never leaves a broken patch.
-    """
+def make_patch(state: MultiTaskState, task: int | str, meta: dict[str, Any]) -> Patch:
+    """Task ``task``'s patch, in memory: its leaves of ``state`` and ``meta`` (at least
+    ``class_names``, ``preprocessing``, ``spec`` and ``base``, ``{"model": name, ...}``) with
+    the format, counts and the base fingerprint added."""
     full = task_variables(state, task)
     keep = patch_leaves(state)
     patch = unflatten({p: np.asarray(v) for p, v in flatten(full).items() if p in keep})
@@ -124,12 +120,26 @@ def export_patch(
         **meta,
     }
     meta["base"] = {**meta.get("base", {}), "fingerprint": fingerprint(full, exclude=keep)}
+    return Patch(patch, meta)
+
+
+def write_patch(patch: Patch, directory: str | os.PathLike) -> str:
+    """Writes ``patch`` to ``directory`` (both files atomically: an interrupted write never
+    leaves a broken patch). Returns the directory."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    atomic_write(os.path.join(directory, WEIGHTS_FILE), flax.serialization.msgpack_serialize(
-        patch))
-    atomic_write(os.path.join(directory, META_FILE), json.dumps(meta, indent=2))
+    atomic_write(os.path.join(directory, WEIGHTS_FILE),
+                 flax.serialization.msgpack_serialize(patch.variables))
+    atomic_write(os.path.join(directory, META_FILE), json.dumps(patch.meta, indent=2))
     return directory
+
+
+def export_patch(
+    state: MultiTaskState, task: int | str, directory: str | os.PathLike, meta: dict[str, Any]
+) -> str:
+    """Writes task ``task``'s patch to ``directory`` (``make_patch``, then ``write_patch``).
+    Returns the directory."""
+    return write_patch(make_patch(state, task, meta), directory)
 
 
 def load_patch(directory: str | os.PathLike) -> Patch:
@@ -157,6 +167,27 @@ def load_patch(directory: str | os.PathLike) -> Patch:
     return Patch(variables, meta)
 
 
+def check_base(patch: Patch, actual: str, what: str = "this patch") -> None:
+    """Refuses a base whose fingerprint (``actual``: over the leaves the patch does not
+    replace) is not the one the patch was trained on, naming the base it needs."""
+    base_meta = patch.meta.get("base", {})
+    expected = str(base_meta.get("fingerprint"))
+    if expected == actual:
+        return
+    if base_meta.get("trained"):
+        raise PatchFileError(
+            f"{what} was trained together with its backbone (train_shared) and needs that "
+            f"run's exported base: {base_meta.get('model')!r} with fingerprint {expected[:12]}… "
+            f"(these weights are {actual[:12]}…); load it from the run's base/ directory "
+            "(load_patched(..., base=DIR), kfor1 predict --base DIR)"
+        )
+    raise PatchFileError(
+        f"{what} was trained on a different base model (fingerprint {expected[:12]}…, these "
+        f"weights are {actual[:12]}…); apply it to {base_meta.get('model')!r} with the weights "
+        "it was trained on"
+    )
+
+
 def apply_patch(base_variables: dict[str, Any], patch: Patch) -> dict[str, Any]:
     """The task's full variables: the base with the patch's leaves swapped in.
 
@@ -170,22 +201,7 @@ def apply_patch(base_variables: dict[str, Any], patch: Patch) -> dict[str, Any]:
             f"the patch has parameters the base model lacks, e.g. {unknown[:3]}; it was made for "
             f"{patch.meta.get('base', {}).get('model')!r}"
         )
-    base_meta = patch.meta.get("base", {})
-    expected = base_meta.get("fingerprint")
-    actual = fingerprint(base_variables, exclude=set(leaves))
-    if expected != actual and base_meta.get("trained"):
-        raise PatchFileError(
-            f"this patch was trained together with its backbone (train_shared) and needs that "
-            f"run's exported base: {base_meta.get('model')!r} with fingerprint {expected[:12]}… "
-            f"(these weights are {actual[:12]}…); load it from the run's base/ directory "
-            "(load_patched(..., base=DIR), kfor1 predict --base DIR)"
-        )
-    if expected != actual:
-        raise PatchFileError(
-            f"this patch was trained on a different base model (fingerprint {str(expected)[:12]}"
-            f"…, these weights are {actual[:12]}…); apply it to "
-            f"{patch.meta.get('base', {}).get('model')!r} with the weights it was trained on"
-        )
+    check_base(patch, fingerprint(base_variables, exclude=set(leaves)))
     for path, value in leaves.items():
         if np.shape(value) != np.shape(base[path]) and not path.startswith("params/"):
             raise PatchFileError(f"patch leaf {path} has shape {np.shape(value)}, the base "
@@ -193,44 +209,56 @@ def apply_patch(base_variables: dict[str, Any], patch: Patch) -> dict[str, Any]:
     return unflatten({**base, **leaves})
 
 
+def load_base_for(
+    patch: Patch, directory: str | os.PathLike, weights: str | None = None,
+    base: str | os.PathLike | None = None,
+) -> Any:
+    """The base a patch (read from ``directory``) applies to, as a ``kfor1.models.Pretrained``:
+    ``base`` (an exported base directory) if given; for a patch of a run that trained its
+    backbone, that run's exported base, found beside the patches; else the pretrained weights
+    it records (``weights`` overrides the file)."""
+    import warnings
+
+    from kfor1.models import load_pretrained
+
+    base_meta = patch.meta.get("base", {})
+    directory = os.fspath(directory)
+    if base is None and base_meta.get("trained"):
+        if weights is not None:
+            raise PatchFileError(
+                f"patch {directory} was trained with its backbone: it needs its run's "
+                "exported base directory (base=, --base), not a weights file"
+            )
+        base = os.path.normpath(os.path.join(directory, base_meta.get("dir", "")))
+        if not os.path.isdir(base):
+            raise PatchFileError(
+                f"patch {directory} was trained with its backbone and its run's "
+                f"exported base is not at {base}; pass the run's base/ directory (base=, --base)"
+            )
+    if base is not None:
+        return load_base_dir(base)
+    path = weights or (None if base_meta.get("weights") in (None, "", "packaged")
+                       else base_meta["weights"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # The base's head is replaced by the patch's.
+        return load_pretrained(base_meta["model"], path=path)
+
+
 def load_patched(
     directory: str | os.PathLike, weights: str | None = None, base: str | os.PathLike | None = None
 ) -> Any:
     """The task model a patch describes, ready for inference (a ``kfor1.models.Pretrained``).
 
-    The base is loaded as the patch records it: the pretrained weights (``weights`` overrides
-    the file) or, for a patch of a run that trained its backbone, that run's exported base
-    (found beside the patches; ``base`` names another directory). A base whose weights differ
-    from the patch's is refused.
+    The base is loaded as the patch records it (``load_base_for``: the pretrained weights, or
+    a jointly trained run's exported base; ``weights`` and ``base`` override); a base whose
+    weights differ from the patch's is refused.
     """
-    import warnings
-
-    from kfor1.models import Preprocessing, Pretrained, load_pretrained
+    from kfor1.models import Preprocessing, Pretrained
 
     patch = load_patch(directory)
-    base_meta = patch.meta.get("base", {})
-    if base is None and base_meta.get("trained"):
-        if weights is not None:
-            raise PatchFileError(
-                f"patch {os.fspath(directory)} was trained with its backbone: it needs its run's "
-                "exported base directory (base=, --base), not a weights file"
-            )
-        base = os.path.normpath(os.path.join(os.fspath(directory), base_meta.get("dir", "")))
-        if not os.path.isdir(base):
-            raise PatchFileError(
-                f"patch {os.fspath(directory)} was trained with its backbone and its run's "
-                f"exported base is not at {base}; pass the run's base/ directory (base=, --base)"
-            )
-    if base is not None:
-        pretrained = load_base_dir(base)
-    else:
-        path = weights or (None if base_meta.get("weights") in (None, "", "packaged")
-                           else base_meta["weights"])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # The base's head is replaced by the patch's.
-            pretrained = load_pretrained(base_meta["model"], path=path)
+    pretrained = load_base_for(patch, directory, weights, base)
     variables = apply_patch(pretrained.variables, patch)
     preprocessing = Preprocessing.from_dict(patch.meta["preprocessing"])
     model = pretrained.model.clone(num_classes=patch.num_classes)
-    return Pretrained(f"{base_meta['model']}+{patch.meta['task']}", model, variables,
+    return Pretrained(f"{patch.meta['base']['model']}+{patch.meta['task']}", model, variables,
                       preprocessing, patch.class_names, os.fspath(directory))

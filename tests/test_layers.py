@@ -135,7 +135,7 @@ def test_tensorflow_same_padding_is_asymmetric_for_even_inputs_at_stride_2():
     assert layers.resolve_padding("VALID", (8, 8), (3, 3), (2, 2)) == ((0, 0), (0, 0))
 
 
-@pytest.mark.parametrize("impl", ["xla", "fast_cpu"])
+@pytest.mark.parametrize("impl", ["xla", "fast_cpu", "portable"])
 def test_modules_match_flax_conv_parameters_and_outputs(impl):
     """Same parameter layout as flax.linen.Conv, so its variables can be swapped in."""
     x = jax.random.normal(jax.random.key(0), (2, 10, 10, 8))
@@ -266,3 +266,31 @@ def test_expand_depthwise_bn_relu6_equals_its_composition(h, w, c, k, s, padding
     chex.assert_trees_all_close(xla, out, atol=1e-4, rtol=1e-5)
     with pytest.raises(ValueError, match="must be"):
         layers.expand_depthwise_bn_relu6(x, expand.T, in_scale, in_shift, kernel, scale, shift)
+
+
+def test_portable_is_plain_jax_and_computes_what_fast_cpu_does():
+    """``impl="portable"`` (what kfor1 exports to TensorFlow/TFLite): no FFI kernel in the
+    program, the same network output, and per-example kernels under vmap without grouped
+    convolutions."""
+    import kfor1
+
+    model = kfor1.create("efficientnet_lite0", num_classes=7, dropout_rate=0.0)
+    x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    variables = jax.jit(model.init)(jax.random.key(1), x)
+    portable = model.clone(conv_impl="portable")
+    hlo = jax.jit(portable.apply).lower(variables, x).as_text()
+    assert "custom_call" not in hlo and "feature_group_count" not in hlo.replace(
+        "feature_group_count = 1,", "")
+    chex.assert_trees_all_close(portable.apply(variables, x),
+                                model.clone(conv_impl="fast_cpu").apply(variables, x),
+                                atol=1e-4, rtol=1e-4)
+
+    kernels = jax.random.normal(jax.random.key(2), (2, 3, 3, 1, 8))
+    xs = jax.random.normal(jax.random.key(3), (2, 1, 9, 9, 8))
+    per_example = jax.vmap(lambda x, k: layers.depthwise_conv(x, k, 2, impl="portable"))
+    lowered = jax.jit(per_example).lower(xs, kernels).as_text()
+    assert "convolution" not in lowered
+    for i in range(2):
+        chex.assert_trees_all_close(per_example(xs, kernels)[i],
+                                    _reference_depthwise(xs[i], kernels[i], 2, "SAME"),
+                                    atol=1e-5, rtol=1e-5)

@@ -57,15 +57,16 @@ def conv(
             x = x[:, :: strides[0], :: strides[1], :]
         return pointwise(x, kernel[0, 0])
     if cin <= IM2COL_MAX_CHANNELS and resolve_impl(impl) != "xla":
-        return _im2col_conv(x, kernel, strides, pads)
+        return _im2col_conv(x, kernel, strides, pads, resolve_impl(impl) == "fast_cpu")
     return lax.conv_general_dilated(
         x, kernel, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
 
 
-def _im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: PadPairs):
+def _im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads: PadPairs,
+                 native_ok: bool = True):
     kh, kw, cin, cout = kernel.shape
-    if use_native(x, kernel):
+    if native_ok and use_native(x, kernel):
         gathered = _native_patches(x, (kh, kw), strides, pads)
     else:
         gathered = patches(x, (kh, kw), strides, pads)

@@ -48,11 +48,14 @@ def depthwise_conv(
     kh, kw, _, channels = kernel.shape
     strides = as_pair(strides)
     pads = resolve_padding(padding, x.shape[1:3], (kh, kw), strides)
-    if resolve_impl(impl) == "xla":
+    resolved = resolve_impl(impl)
+    if resolved == "xla":
         return lax.conv_general_dilated(
             x, kernel, strides, pads,
             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels,
         )
+    if resolved == "portable":  # Plain operations, differentiated by autodiff.
+        return shifted_sum(pad_nhwc(x, pads), kernel, strides)
     return _shifted_depthwise(x, kernel, strides, pads)
 
 

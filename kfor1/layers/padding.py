@@ -15,11 +15,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-Impl = Literal["auto", "xla", "fast_cpu"]
+Impl = Literal["auto", "xla", "fast_cpu", "portable"]
 Padding = str | int | Sequence[tuple[int, int]]
 PadPairs = tuple[tuple[int, int], tuple[int, int]]
 
-IMPLEMENTATIONS = ("auto", "xla", "fast_cpu")
+# "portable": fast_cpu's formulations in plain JAX operations only, never the compiled kernels
+# (an FFI call exists only in the process that built it): what exports to TensorFlow and
+# TFLite, and what vmaps over per-example kernels without grouped convolutions.
+IMPLEMENTATIONS = ("auto", "xla", "fast_cpu", "portable")
 
 
 def resolve_impl(impl: str) -> str:
