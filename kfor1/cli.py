@@ -193,8 +193,8 @@ def _export_served(args: argparse.Namespace) -> int:
     server = open_server(patches, base=args.base)
     for kind, path in export(server, args.out, formats=(args.format,)).items():
         print(f"{kind}: {path}")
-    for task in sorted(server.tasks.values(), key=lambda t: t.slot):
-        print(f"  task id {task.slot}: {task.name} ({len(task.class_names)} classes)")
+    for i, task in enumerate(sorted(server.tasks.values(), key=lambda t: t.slot)):
+        print(f"  task id {i}: {task.name} ({len(task.class_names)} classes)")
     return 0
 
 

@@ -93,7 +93,7 @@ def test_predict_finds_the_base_or_takes_base(shared_run, tmp_path, capsys):
                      str(image)]) == 0
     assert capsys.readouterr().out == found
     assert cli.main(["predict", "--base", str(shared_run / "base"), str(image)]) == 2
-    assert "--base needs --patch" in capsys.readouterr().err
+    assert "--base and --requests need --patch" in capsys.readouterr().err
 
 
 def test_export_writes_the_base_beside_the_patches(shared_run, tmp_path, capsys):

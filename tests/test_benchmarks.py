@@ -84,3 +84,20 @@ def test_suite_tiny_on_the_papers_base(tmp_path, capsys):
     timings = results["sections"]["inference"]["timings"]
     assert sum(name.startswith("torch") for name in timings) == 1  # Exact and fast: one model.
     assert results["sections"]["patch_step"]["ratio"] > 0
+
+
+def test_serve_benchmark_tiny(tmp_path, capsys):
+    """``benchmarks/serve.py --tiny``: the mixed-task call, the single-task model, K models run
+    per group, table memory and ``add``, for K = 1 and 4 (its numbers mean nothing)."""
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    serve = importlib.import_module("benchmarks.serve")
+    out_json = tmp_path / "serve.json"
+    assert serve.main(["--tiny", "--specs", "scale_bias+logits", "--json", str(out_json)]) == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [(r["k"], r["batch"]) for r in rows] == [(1, 8), (4, 8)]
+    for r in rows:
+        assert r["mixed_images_per_s"] > 0 and r["single_images_per_s"] > 0
+        assert r["compiled_variants"] == 1  # add/remove in the timing never recompiled.
+        assert r["table_bytes"] < r["k_full_models_bytes"]
+    assert "mixed / single" in capsys.readouterr().out

@@ -181,3 +181,53 @@ def test_a_server_needs_patches_or_a_spec(base):
         PatchServer(base)
     with pytest.raises(PatchTableError, match="capacity must be a positive"):
         PatchServer(base, spec="logits", capacity=0)
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def test_predict_serves_tagged_images_of_several_tasks(trained_run, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from kfor1 import cli
+
+    workdir, _ = trained_run
+    red, digit = tmp_path / "red.png", tmp_path / "digit.png"
+    Image.fromarray(np.full((40, 40, 3), (200, 30, 30), np.uint8)).save(red)
+    Image.fromarray(np.full((8, 8, 3), 255, np.uint8)).save(digit)
+    patches = ["--patch", str(workdir / "patches" / "colours"),
+               "--patch", str(workdir / "patches" / "digits")]
+    assert cli.main(["predict", *patches, f"colours={red}", f"digits={digit}", "--json"]) == 0
+    tagged = json.loads(capsys.readouterr().out)
+    assert [r["task"] for r in tagged] == ["colours", "digits"]
+    assert len(tagged[0]["top"]) == 3 and len(tagged[1]["top"]) == 5  # Colours has 3 classes.
+    assert {p["name"] for p in tagged[0]["top"]} == {"red", "green", "blue"}
+    # The same requests from a CSV and a JSON-lines file, paths relative to the file.
+    (tmp_path / "requests.csv").write_text("task,path\ncolours,red.png\ndigits,digit.png\n")
+    (tmp_path / "requests.jsonl").write_text(
+        '{"task": "colours", "path": "red.png"}\n{"task": "digits", "path": "digit.png"}\n')
+    for name in ("requests.csv", "requests.jsonl"):
+        assert cli.main(["predict", *patches, "--requests", str(tmp_path / name), "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        assert [[p["probability"] for p in r["top"]] for r in got] == [
+            [p["probability"] for p in r["top"]] for r in tagged]
+    assert cli.main(["predict", *patches, f"colours={red}"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"{red}  [colours]"
+
+    for argv, message in [
+        ([str(red)], "tag each image with its task, TASK=PATH (tasks: colours, digits)"),
+        ([f"cats={red}"], "no task 'cats'"),
+        ([f"colours={tmp_path / 'none.png'}"], "no such image file"),
+        (["--requests", str(tmp_path / "none.csv")], "no such request file"),
+        ([], "give image files to classify"),
+    ]:
+        assert cli.main(["predict", *patches, *argv]) == 2
+        assert message in capsys.readouterr().err, argv
+    (tmp_path / "bad.csv").write_text("colours,red.png,extra\n")
+    assert cli.main(["predict", *patches, "--requests", str(tmp_path / "bad.csv")]) == 2
+    assert "bad.csv:1: expected 'task,path'" in capsys.readouterr().err
+    same = ["--patch", str(workdir / "patches" / "colours")] * 2
+    assert cli.main(["predict", *same, f"colours={red}"]) == 2
+    assert "two patches are both task 'colours'" in capsys.readouterr().err

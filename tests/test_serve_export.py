@@ -124,3 +124,21 @@ def test_cli_refuses_patches_of_another_base(tmp_path, capsys):
     assert "was trained on a different base" in capsys.readouterr().err
     assert cli.main(["export", "--format", "tflite", *dirs]) == 2
     assert "needs --out DIR" in capsys.readouterr().err
+
+
+def test_task_ids_number_the_served_tasks_after_a_removal(exported):
+    import tensorflow as tf
+
+    from kfor1.serve.export import tasks_record, tf_module
+
+    server, _ = exported
+    base = server.base
+    small = PatchServer(base, [make_patch(base, spec, n, name, seed=i)
+                               for i, (name, spec, n) in enumerate(TASKS)], capacity=4)
+    small.remove("flowers")
+    record = tasks_record(small)
+    assert [(t["id"], t["name"]) for t in record["tasks"]] == [(0, "cars"), (1, "dtd")]
+    images = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    got = tf_module(small).serve(tf.constant(images), tf.constant([1, 0, 1], tf.int32))
+    want = small.predict(images, ["dtd", "cars", "dtd"]).probabilities
+    np.testing.assert_allclose(got["probabilities"].numpy(), want, atol=1e-4, rtol=0)

@@ -47,7 +47,8 @@ def _tf():
 
 
 def tasks_record(server: PatchServer) -> dict[str, Any]:
-    """What ``tasks.json`` holds: per task id (its slot), its name and class names."""
+    """What ``tasks.json`` holds: per task id (the served tasks numbered in slot order), its
+    name and class names."""
     tasks = sorted(server.tasks.values(), key=lambda s: s.slot)
     return {
         "format": "kfor1-served-tasks", "format_version": 1,
@@ -55,13 +56,13 @@ def tasks_record(server: PatchServer) -> dict[str, Any]:
         "max_classes": server.layout.max_classes,
         "signature": {"inputs": {"images": "uint8 [N, H, W, 3]", "task_ids": "int32 [N]"},
                       "outputs": {"probabilities": "float32 [N, max_classes]"}},
-        "tasks": [{"id": t.slot, "name": t.name, "class_names": list(t.class_names)}
-                  for t in tasks],
+        "tasks": [{"id": i, "name": t.name, "class_names": list(t.class_names)}
+                  for i, t in enumerate(tasks)],
     }
 
 
 def _check_exportable(server: PatchServer) -> int:
-    """The resolution of the server's tasks, which must be one, with ids 0..K-1."""
+    """The resolution of the server's tasks, which must be one."""
     tasks = sorted(server.tasks.values(), key=lambda s: s.slot)
     if not tasks:
         raise ExportError("no patches to export; give at least one --patch")
@@ -71,8 +72,6 @@ def _check_exportable(server: PatchServer) -> int:
             f"these tasks take images of {', '.join(map(str, resolutions))} px; one exported "
             "signature has one image size: export each resolution's patches apart"
         )
-    if [t.slot for t in tasks] != list(range(len(tasks))):
-        raise ExportError("task ids must be 0..K-1: export a server that never removed a task")
     return resolutions[0]
 
 
@@ -86,10 +85,12 @@ def tf_module(server: PatchServer) -> Any:
     if hasattr(model, "conv_impl"):
         model = model.clone(conv_impl="portable")
     fn = serve_fn(model, server.base.preprocessing, micro_batch=None)
-    num_tasks = len(server.tasks)
+    # Task id i is the i-th served task in slot order (free slots are left out).
+    slots = np.asarray(sorted(t.slot for t in server.tasks.values()))
+    num_tasks = len(slots)
     shared = jax.tree.map(np.asarray, server.shared)
-    table = PatchTable({p: np.asarray(v[:num_tasks]) for p, v in server.table.rows.items()},
-                       np.asarray(server.table.num_classes[:num_tasks]))
+    table = PatchTable({p: np.asarray(v)[slots] for p, v in server.table.rows.items()},
+                       np.asarray(server.table.num_classes)[slots])
 
     def serve(images, task_ids):
         return fn(shared, table, task_ids, images)

@@ -1,0 +1,197 @@
+"""Serving benchmark: a mixed-task batch in one ``PatchServer`` call, against the single-task
+model and against K separate task models run group by group.
+
+For each resolution, batch size, task count K and patch spec, a batch's examples are drawn
+uniformly from K tasks (EfficientNet-Lite0, the packaged ImageNet weights, 10-class heads):
+
+- **mixed**: ``server.predict(images, tasks)``, the whole batch in one compiled call;
+- **single**: the same batch through one task's model (``load_patched``'s ``Pretrained``):
+  the cost the mixed call aims at;
+- **per group**: each task's examples through that task's own model (K full models in
+  memory), as a server without patch tables would run them.
+
+It also weighs the patch table against K full models and times ``add`` (one patch into a
+table of K - 1). Each timed call ends in ``block_until_ready``; warm-up calls compile every
+shape first (the draw of tasks is fixed per configuration, so the group sizes repeat).
+
+Run from the repository root (results: ``benchmarks/README.md``)::
+
+    python -m benchmarks.serve                      # 128 and 224 px, batch 32 and 128, K=1..64
+    python -m benchmarks.serve --resolutions 128 --batches 32 --ks 1,16 --json serve.json
+    python -m benchmarks.serve --tiny               # only checks that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import kfor1  # noqa: E402
+from kfor1.cpu import keep_freed_memory  # noqa: E402
+from kfor1.models import Pretrained  # noqa: E402
+from kfor1.patchfile import apply_patch, make_patch  # noqa: E402
+from kfor1.serve import PatchServer  # noqa: E402
+
+MODEL = "efficientnet_lite0"
+CLASSES = 10
+SPECS = ("scale_bias+logits", "depthwise+scale_bias+logits")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--resolutions", type=_ints, default=[128, 224])
+    parser.add_argument("--batches", type=_ints, default=[32, 128])
+    parser.add_argument("--ks", type=_ints, default=[1, 4, 16, 64])
+    parser.add_argument("--specs", type=lambda s: s.split(","), default=list(SPECS))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--tiny", action="store_true",
+                        help="32 px, batch 8, K=1,4, one repetition: checks that it runs")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.resolutions, args.batches, args.ks = [32], [8], [1, 4]
+        args.warmup, args.repeats = 1, 1
+    if min(args.ks) < 1 or min(args.batches) < 1 or args.repeats < 1 or args.warmup < 1:
+        parser.error("--ks, --batches, --repeats and --warmup must be positive")
+    return args
+
+
+def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def tree_bytes(tree: Any) -> int:
+    return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree)))
+
+
+def task_patches(base: Pretrained, spec: str, k: int, resolution: int) -> list[Any]:
+    """K patches of ``spec`` on ``base`` (a fresh K-task state: the values do not change the
+    timing), in the format ``export_patch`` writes."""
+    labels = kfor1.partition(base.variables, spec)
+    tasks = [kfor1.Task(f"task{i}", CLASSES, resolution) for i in range(k)]
+    state = kfor1.init_multitask(base.variables, labels, tasks,
+                                 kfor1.patch_optimizer(optax.sgd(0.0), labels))
+    meta = {"preprocessing": {**base.preprocessing.to_dict(), "resolution": resolution},
+            "base": {"model": MODEL}}
+    return [make_patch(state, i, {**meta, "class_names": [f"c{j}" for j in range(CLASSES)]})
+            for i in range(k)]
+
+
+def task_model(base: Pretrained, patch: Any) -> Pretrained:
+    return Pretrained(patch.meta["task"], base.model.clone(num_classes=CLASSES),
+                      apply_patch(base.variables, patch), base.preprocessing,
+                      patch.class_names, "benchmark")
+
+
+def run_config(base: Pretrained, spec: str, resolution: int, batch: int, k: int,
+               args: argparse.Namespace, models: dict[str, Pretrained]) -> dict[str, Any]:
+    rng = np.random.default_rng(resolution * 1000 + batch + k)
+    patches = task_patches(base, spec, max(k, 1), resolution)
+    images = rng.integers(0, 256, (batch, resolution, resolution, 3), dtype=np.uint8)
+    names = [f"task{i}" for i in rng.integers(0, k, batch)]
+    server = PatchServer(base, patches, capacity=k, max_batch=max(batch, 8))
+    mixed = timed(lambda: server.predict(images, names).probabilities, args.warmup,
+                  args.repeats)
+    for p in patches:
+        models.setdefault(p.meta["task"], task_model(base, p))
+    single_model = models["task0"]
+    single = timed(lambda: single_model.predict(images), args.warmup, args.repeats)
+    groups = {n: [i for i, m in enumerate(names) if m == n] for n in sorted(set(names))}
+
+    def per_group():
+        return [models[n].predict(images[rows]) for n, rows in groups.items()]
+
+    grouped = timed(per_group, args.warmup, args.repeats)
+    # add: one patch into a table of K - 1 (the first add of a leaf set also hashes the base).
+    server.remove("task0")
+    add_s = []
+    for _ in range(max(args.repeats, 3)):
+        start = time.perf_counter()
+        server.add(patches[0])
+        jax.block_until_ready(server.table)
+        add_s.append(time.perf_counter() - start)
+        server.remove("task0")
+    table = tree_bytes(server.table)
+    full = tree_bytes(base.variables)
+    return {
+        "spec": spec, "resolution": resolution, "batch": batch, "k": k,
+        "mixed_images_per_s": batch / statistics.median(mixed),
+        "single_images_per_s": batch / statistics.median(single),
+        "per_group_images_per_s": batch / statistics.median(grouped),
+        "groups": len(groups), "table_bytes": table, "shared_bytes": tree_bytes(server.shared),
+        "k_full_models_bytes": k * full, "add_ms_median": 1000 * statistics.median(add_s),
+        "compiled_variants": server._compiled._cache_size(),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| spec | px | batch | K | mixed img/s | single img/s | mixed / single | per-group "
+        "img/s (groups) | table MiB | K full models MiB | add ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['spec']} | {r['resolution']} | {r['batch']} | {r['k']} | "
+            f"{r['mixed_images_per_s']:.1f} | {r['single_images_per_s']:.1f} | "
+            f"**{r['mixed_images_per_s'] / r['single_images_per_s']:.2f}x** | "
+            f"{r['per_group_images_per_s']:.1f} ({r['groups']}) | "
+            f"{r['table_bytes'] / 2**20:.2f} | {r['k_full_models_bytes'] / 2**20:.1f} | "
+            f"{r['add_ms_median']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    keep_freed_memory()
+    print(f"jax {jax.__version__} on {jax.devices()[0]}; {MODEL}, {CLASSES}-class heads; "
+          f"{args.warmup} warm-up and {args.repeats} timed calls per row", flush=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = kfor1.load_pretrained(MODEL)
+    rows = []
+    for resolution in args.resolutions:
+        for spec in args.specs:
+            models: dict[str, Pretrained] = {}
+            for batch in args.batches:
+                for k in args.ks:
+                    row = run_config(base, spec, resolution, batch, k, args, models)
+                    rows.append(row)
+                    print(table([row]).splitlines()[-1], flush=True)
+    print("\n" + table(rows))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"config": vars(args), "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
