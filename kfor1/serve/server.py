@@ -169,6 +169,8 @@ class PatchServer:
                                   "table holds, e.g. 'scale_bias+logits')")
         if max_classes is None:
             max_classes = max([p.num_classes for p in loaded], default=len(base.class_names))
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise PatchTableError(f"max_batch must be a positive int, got {max_batch!r}")
         if len(loaded) > capacity:
             raise PatchTableError(f"{len(loaded)} patches do not fit a table of capacity "
                                   f"{capacity}; pass capacity={len(loaded)} or more")
