@@ -8,7 +8,7 @@ the task losses (each task still owns its patch and BatchNorm statistics); by de
 frozen, so every task patch is usable on the original base.
 """
 
-from kfor1.config import apply_overrides, base_config, parse_arg, task
+from kfor1.config import apply_overrides, arg_int, base_config, parse_arg, task
 
 ALLOWED = {"datasets", "patch", "model", "resolution", "num_steps", "batch_size", "weights",
            "train_shared"}
@@ -18,7 +18,7 @@ def get_config(arg=None):
     args = parse_arg(arg)
     config = base_config()
     datasets = [d for d in args.get("datasets", "digits;folder:data/cifar10").split(";") if d]
-    resolution = int(args.get("resolution", 0))
+    resolution = arg_int(args, "resolution", 0)
     config.tasks = [task(d, resolution=resolution) for d in datasets]
     config.mesh.tasks = 1
     return apply_overrides(config, args, ALLOWED)

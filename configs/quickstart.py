@@ -5,11 +5,14 @@
 Offline (weights and data ship in pip packages); about a minute on 2 CPU cores.
 """
 
-from kfor1.config import base_config, task
+from kfor1.config import apply_overrides, base_config, parse_arg, task
+
+# What the config argument may set, e.g. configs/quickstart.py:num_steps=100,patch=logits.
+ALLOWED = {"patch", "model", "weights", "num_steps", "batch_size"}
 
 
 def get_config(arg=None):
-    del arg
+    args = parse_arg(arg)
     config = base_config()
     config.tasks = [task("digits", resolution=64)]
     config.patch = "scale_bias+logits"
@@ -20,4 +23,4 @@ def get_config(arg=None):
     config.augment.flip = False  # Digits are not mirror-symmetric.
     config.log_every = 10
     config.checkpoint_every = 50
-    return config
+    return apply_overrides(config, args, ALLOWED)

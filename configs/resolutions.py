@@ -5,7 +5,7 @@ patch per input resolution, all trained in the same compiled step.
         --workdir runs/resolutions
 """
 
-from kfor1.config import apply_overrides, base_config, parse_arg, task
+from kfor1.config import apply_overrides, arg_int, base_config, parse_arg, task
 
 ALLOWED = {"dataset", "resolutions", "patch", "model", "num_steps", "batch_size", "weights"}
 
@@ -14,7 +14,8 @@ def get_config(arg=None):
     args = parse_arg(arg)
     config = base_config()
     dataset = args.get("dataset", "digits")
-    resolutions = [int(r) for r in args.get("resolutions", "96;128;160;224").split(";") if r]
+    resolutions = [arg_int({"resolutions": r}, "resolutions", 0)
+                   for r in args.get("resolutions", "96;128;160;224").split(";") if r]
     config.tasks = [task(dataset, name=f"{task(dataset).name}_{r}px", resolution=r)
                     for r in resolutions]
     return apply_overrides(config, args, ALLOWED)

@@ -7,7 +7,7 @@ Arguments: dataset (digits | folder:PATH | tfds:NAME), patch, model, resolution,
 batch_size, weights.
 """
 
-from kfor1.config import apply_overrides, base_config, parse_arg, task
+from kfor1.config import apply_overrides, arg_int, base_config, parse_arg, task
 
 ALLOWED = {"dataset", "patch", "model", "resolution", "num_steps", "batch_size", "weights"}
 
@@ -15,5 +15,5 @@ ALLOWED = {"dataset", "patch", "model", "resolution", "num_steps", "batch_size",
 def get_config(arg=None):
     args = parse_arg(arg)
     config = base_config()
-    config.tasks = [task(args.get("dataset", "digits"), resolution=int(args.get("resolution", 0)))]
+    config.tasks = [task(args.get("dataset", "digits"), resolution=arg_int(args, "resolution", 0))]
     return apply_overrides(config, args, ALLOWED)

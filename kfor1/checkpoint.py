@@ -48,6 +48,12 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        steps = sorted(self._manager.all_steps())
+        if step not in steps:
+            raise FileNotFoundError(
+                f"no checkpoint at step {step} in {self.directory}; it keeps steps "
+                f"{', '.join(map(str, steps))} (older ones are pruned: config.keep_checkpoints)"
+            )
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _as_tree(template))
         try:
             tree = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))

@@ -54,7 +54,7 @@ def _flag_message(exc: BaseException) -> str:
     errno = re.search(r"\[Errno \d+\] (.+)$", text, flags=re.MULTILINE)
     if errno:  # ml_collections lists every path it tried; the reason names the file.
         return f"cannot load the config file: {errno.group(1)}"
-    errors = re.findall(r"^\w*(?:Error|Exception): (.+)$", text, flags=re.MULTILINE)
+    errors = re.findall(r"^[\w.]*(?:Error|Exception): (.+)$", text, flags=re.MULTILINE)
     return one_line(errors[-1] if errors else text)
 
 
@@ -203,8 +203,9 @@ def _export_served(args: argparse.Namespace) -> int:
 def _add_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="*", metavar="IMAGE",
                         help="image files (JPEG, PNG, ...); with several --patch, TASK=PATH")
-    parser.add_argument("--model", default="efficientnet_lite0",
-                        help="registered model name (default: %(default)s)")
+    parser.add_argument("--model", default=None,
+                        help="registered model name, for ImageNet predictions without --patch "
+                        "(default: efficientnet_lite0)")
     parser.add_argument("--weights", metavar="PATH", default=None,
                         help="PyTorch or Keras weights file (default: the model's pip-packaged "
                         "weights)")
@@ -236,13 +237,16 @@ def _run_predict(args: argparse.Namespace) -> int:
     if not args.images and not args.requests:
         raise ValueError("give image files to classify (or --requests FILE)")
     if args.patch:
+        if args.model:
+            raise ValueError(f"--model {args.model} with --patch: a patch records the base it "
+                             "was trained on; drop --model (or --base DIR for another base)")
         return _predict_tasks(args)
     if args.base or args.requests:
         raise ValueError("--base and --requests need --patch: they are for tasks' patches")
     from kfor1.models import load_pretrained
     from kfor1.predict import top_k
 
-    pretrained = load_pretrained(args.model, args.weights)
+    pretrained = load_pretrained(args.model or "efficientnet_lite0", args.weights)
     k = _check_top_k(args.top_k, len(pretrained.class_names), pretrained.name)
     results = top_k(pretrained, args.images, k=k, batch_size=args.batch_size)
     if args.json:

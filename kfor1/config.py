@@ -7,6 +7,7 @@ The config is locked, so a mistyped key is an error rather than silently ignored
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import ml_collections
@@ -96,22 +97,45 @@ def parse_arg(arg: str | None) -> dict[str, str]:
     return out
 
 
+def _did_you_mean(key: str, options: Any) -> str:
+    close = difflib.get_close_matches(key, sorted(options), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def arg_int(args: dict[str, str], key: str, default: int) -> int:
+    """An integer config argument (``resolution=224``), or a ``ConfigError`` naming it."""
+    value = args.get(key)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"config argument {key}={value!r}: expected an integer") from None
+
+
 def apply_overrides(
     config: ml_collections.ConfigDict, overrides: dict[str, Any], allowed: set[str]
 ) -> ml_collections.ConfigDict:
-    """Sets ``model``, ``patch``... from a config argument; unknown keys are errors."""
-    unknown = sorted(set(overrides) - allowed)
-    if unknown:
-        raise ValueError(
-            f"unknown config argument(s) {unknown}; this config takes {sorted(allowed)}"
-        )
+    """Sets ``model``, ``patch``... from a config argument; an unknown key or a value of the
+    wrong type is a ``ConfigError`` that names it."""
+    for key in sorted(set(overrides) - allowed):
+        raise ConfigError(f"unknown config argument {key!r}{_did_you_mean(key, allowed)} (this "
+                          f"config takes {', '.join(sorted(allowed))})")
     for key, value in overrides.items():
         if key in ("dataset", "datasets", "resolution", "resolutions"):
             continue
         current = config[key]
-        config[key] = type(current)(value) if not isinstance(current, bool) else (
-            value.lower() in ("1", "true", "yes")
-        )
+        if isinstance(current, bool):
+            if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ConfigError(f"config argument {key}={value!r}: expected true or false")
+            config[key] = value.lower() in ("1", "true", "yes")
+            continue
+        try:
+            config[key] = type(current)(value)
+        except ValueError:
+            raise ConfigError(f"config argument {key}={value!r}: expected "
+                              f"{'an integer' if isinstance(current, int) else 'a number'}"
+                              ) from None
     return config
 
 
@@ -126,7 +150,7 @@ def paper_transfer(dataset: str, name: str, num_steps: int, arg: str | None):
     args = parse_arg(arg)
     config = base_config()
     config.model = PAPER_MODEL
-    config.tasks = [task(dataset, name=name, resolution=int(args.get("resolution", 0)))]
+    config.tasks = [task(dataset, name=name, resolution=arg_int(args, "resolution", 0))]
     config.num_steps = num_steps
     config.batch_size = 128
     config.warmup_steps = 500

@@ -23,6 +23,7 @@ from kfor1 import data as kdata
 from kfor1.config import ConfigError
 from kfor1.microbatch import TaskChunk
 from kfor1.models import Pretrained, get_entry, load_pretrained
+from kfor1.models.registry import MIN_RESOLUTION
 from kfor1.multitask import MultiTaskState, Task, init_multitask
 from kfor1.optim import build_optimizer
 from kfor1.sharding import make_mesh
@@ -129,8 +130,17 @@ def load_base(config: ml_collections.ConfigDict) -> Pretrained:
 def check_values(config: ml_collections.ConfigDict) -> tuple[TaskChunk, PatchSpec]:
     """The checks that need nothing loaded: step and batch counts, tasks, ``task_chunk``, the
     patch spec (parsed here, once). Returns the task chunk and the spec."""
-    if config.num_steps < 1 or config.batch_size < 1:
-        raise ValueError("config.num_steps and config.batch_size must be positive")
+    for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+                "eval_batch_size"):
+        if config[key] < 1:
+            raise ConfigError(f"config.{key}={config[key]} must be at least 1")
+    if config.eval_every < 0:
+        raise ConfigError(f"config.eval_every={config.eval_every}: use 0 (only at the end) or a "
+                          "positive number of steps")
+    for t in config.tasks:
+        if t.resolution and t.resolution < MIN_RESOLUTION:
+            raise ConfigError(f"task {t.name or t.dataset!r}: resolution={t.resolution} is too "
+                              f"small; use at least {MIN_RESOLUTION} (0: the model's own)")
     if not config.tasks:
         raise ValueError("config.tasks is empty; give at least one task")
     patch = list(config.patch_rules) if config.patch_rules else config.patch
@@ -162,6 +172,13 @@ def _load_task(
         train_ds, _ = kdata.load_source(t.dataset, "train", data_dir=data_dir, seed=config.seed,
                                         decode=False, class_names=pinned)
     test_ds, info = kdata.load_source(t.dataset, "test", data_dir=data_dir, class_names=pinned)
+    if info.num_classes < 2:
+        raise ConfigError(
+            f"task {t.name!r} ({t.dataset}) has {info.num_classes} class"
+            f"{'' if info.num_classes == 1 else 'es'} ({', '.join(info.class_names)}): a "
+            "classifier needs at least 2; check the data source (for folder:, one "
+            "subdirectory per class)"
+        )
     resolution = int(t.resolution) or default_resolution
     return TaskData(Task(t.name, info.num_classes, resolution), info, test_ds, train_ds)
 

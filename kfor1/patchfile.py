@@ -18,19 +18,16 @@ import flax.serialization
 import numpy as np
 
 from kfor1.basefile import atomic_write, fingerprint, load_base_dir, patch_leaves
-from kfor1.errors import UserError
 from kfor1.multitask import MultiTaskState, task_variables
+from kfor1.patchcheck import INTEGRITY_KEY, PatchFileError, content_hash, validate, verify_hash
 from kfor1.spec import PatchSpec
 from kfor1.tree import flatten, unflatten
 
 FORMAT = "kfor1-patch"
-FORMAT_VERSION = 1
+# 2: a content hash over arrays and metadata (``kfor1.patchcheck``), and the head's path.
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "patch.msgpack"
 META_FILE = "patch.json"
-
-
-class PatchFileError(UserError, ValueError):
-    """A patch file that is unreadable or does not fit the base it is applied to."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +109,7 @@ def make_patch(state: MultiTaskState, task: int | str, meta: dict[str, Any]) -> 
         "task": info.name,
         "num_classes": info.num_classes,
         "resolution": info.resolution,
+        "head": state.layout.head,
         # Trainable patch parameters, and the task's BatchNorm statistics that come with them.
         "patch_parameters": int(sum(np.size(v) for v in flatten(patch.get("params", {})).values())),
         "patch_statistics": int(
@@ -124,13 +122,15 @@ def make_patch(state: MultiTaskState, task: int | str, meta: dict[str, Any]) -> 
 
 
 def write_patch(patch: Patch, directory: str | os.PathLike) -> str:
-    """Writes ``patch`` to ``directory`` (both files atomically: an interrupted write never
-    leaves a broken patch). Returns the directory."""
+    """Writes ``patch`` to ``directory`` with its content hash (both files atomically: an
+    interrupted write never leaves a broken patch). Returns the directory."""
     directory = os.fspath(directory)
+    weights = flax.serialization.msgpack_serialize(patch.variables)
+    meta = {**patch.meta, "format": FORMAT, "format_version": FORMAT_VERSION}
+    meta[INTEGRITY_KEY] = content_hash(weights, meta)
     os.makedirs(directory, exist_ok=True)
-    atomic_write(os.path.join(directory, WEIGHTS_FILE),
-                 flax.serialization.msgpack_serialize(patch.variables))
-    atomic_write(os.path.join(directory, META_FILE), json.dumps(patch.meta, indent=2))
+    atomic_write(os.path.join(directory, WEIGHTS_FILE), weights)
+    atomic_write(os.path.join(directory, META_FILE), json.dumps(meta, indent=2))
     return directory
 
 
@@ -143,6 +143,8 @@ def export_patch(
 
 
 def load_patch(directory: str | os.PathLike) -> Patch:
+    """Reads a patch directory, verifying its content hash and its metadata (``patchcheck``):
+    a corrupt, edited or malformed patch is refused with what is wrong."""
     directory = os.fspath(directory)
     meta_path = os.path.join(directory, META_FILE)
     weights_path = os.path.join(directory, WEIGHTS_FILE)
@@ -156,14 +158,26 @@ def load_patch(directory: str | os.PathLike) -> Patch:
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
         with open(weights_path, "rb") as f:
-            variables = flax.serialization.msgpack_restore(f.read())
+            weights = f.read()
     except (ValueError, OSError) as e:
         raise PatchFileError(f"patch {directory} is corrupt ({e}); re-export it") from None
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise PatchFileError(f"{directory} is not a kfor1 patch (format {found!r}); export one "
+                             "with `kfor1 export --workdir DIR`")
+    version = meta.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise PatchFileError(
-            f"{directory} has format {meta.get('format')!r} v{meta.get('format_version')}; "
-            f"this kfor1 reads {FORMAT!r} up to v{FORMAT_VERSION} — upgrade kfor1"
+            f"{directory} has format {FORMAT!r} v{version}; this kfor1 reads up to "
+            f"v{FORMAT_VERSION} — upgrade kfor1"
         )
+    if isinstance(version, int) and version >= 2:
+        verify_hash(directory, weights, meta)
+    try:
+        variables = flax.serialization.msgpack_restore(weights)
+    except (ValueError, TypeError) as e:
+        raise PatchFileError(f"patch {directory} is corrupt ({e}); re-export it") from None
+    validate(directory, meta, variables)
     return Patch(variables, meta)
 
 
@@ -202,10 +216,15 @@ def apply_patch(base_variables: dict[str, Any], patch: Patch) -> dict[str, Any]:
             f"{patch.meta.get('base', {}).get('model')!r}"
         )
     check_base(patch, fingerprint(base_variables, exclude=set(leaves)))
+    head = patch.meta.get("head")
     for path, value in leaves.items():
-        if np.shape(value) != np.shape(base[path]) and not path.startswith("params/"):
-            raise PatchFileError(f"patch leaf {path} has shape {np.shape(value)}, the base "
-                                 f"{np.shape(base[path])}")
+        ours, theirs = np.shape(value), np.shape(base[path])
+        # The head may be narrower or wider than the base's (its classes); nothing else may.
+        is_head = (path in (f"params/{head}/kernel", f"params/{head}/bias") if head
+                   else path.startswith("params/") and len(ours) <= 2)
+        if ours != theirs and not (is_head and ours[:-1] == theirs[:-1]):
+            raise PatchFileError(f"patch leaf {path} has shape {ours}, the base {theirs}; the "
+                                 f"patch was made for another {patch.meta['base']['model']!r}")
     return unflatten({**base, **leaves})
 
 

@@ -36,8 +36,9 @@ class PatchReport:
         return self.patch_parameters / max(self.total_parameters, 1)
 
     def cost_of_tasks(self, k: int) -> float:
-        """Parameters of K patched tasks, in models: 1 + K x p (the shared base stored once)."""
-        return 1 + k * self.patch_fraction
+        """Parameters of K patched tasks, in models: the shared part once, a patch per task,
+        (1 - p) + K x p (a ``full`` patch: K models, as K fine-tuned copies)."""
+        return (1 - self.patch_fraction) + k * self.patch_fraction
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -53,8 +54,8 @@ class PatchReport:
         p = self.patch_fraction
         lines.append(
             f"patch: {self.patch_parameters:,} parameters ({100 * p:.2f}%), plus "
-            f"{self.patch_stat_parameters:,} BN statistics per task; K tasks cost 1 + K x "
-            f"{p:.4f} models (K=10: {self.cost_of_tasks(10):.2f} instead of 10)"
+            f"{self.patch_stat_parameters:,} BN statistics per task; K tasks cost "
+            f"{1 - p:.4f} + K x {p:.4f} models (K=10: {self.cost_of_tasks(10):.2f} instead of 10)"
         )
         return "\n".join(lines)
 

@@ -13,9 +13,9 @@ uninterrupted one would.
 from __future__ import annotations
 
 import json
-import math
+import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -27,6 +27,7 @@ from kfor1.checkpoint import Checkpointer
 from kfor1.errors import TrainingError
 from kfor1.evaluate import evaluate, group_batches
 from kfor1.experiment import Setup, setup
+from kfor1.health import Guard
 from kfor1.metrics import MetricsLog, eval_scalars, summary, train_scalars
 from kfor1.multitask import task_variables
 from kfor1.patchfile import describe
@@ -48,8 +49,10 @@ def train(
     if config.distributed:
         jax.distributed.initialize()
     wd = Workdir(workdir)
+    if os.path.exists(wd.root) and not os.path.isdir(wd.root):
+        raise ValueError(f"--workdir {wd.root} is a file; give a directory (new, or a run's "
+                         "to resume it)")
     s = setup(config)
-    save_run(s, wd)
 
     state = s.init_state()
     # Sized for the tasks: their heads, not the 1000-class ImageNet head.
@@ -61,6 +64,8 @@ def train(
         state = ckpt.restore(state)
         start = int(jax.device_get(state.step))
         print(f"resumed from {ckpt.directory} at step {start}")
+    # Only now: a resume that the checkpoint refuses must leave the run's config.json as it was.
+    save_run(s, wd)
 
     model = s.model.clone(num_classes=state.layout.max_classes)
     step_fn = make_train_step(model, s.optimizer, train_shared=config.train_shared,
@@ -75,14 +80,17 @@ def train(
     metrics_log = MetricsLog(wd.metrics, wd.root, start)
     progress = _progress(config, start, end)
     images, clock = 0, time.perf_counter()
+    guard = Guard(s, ckpt)
     try:
         for step in range(start + 1, end + 1):
             batch = group_batches([next(it) for it in iterators], groups, s.mesh)
             state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
+            # The previous step's health, read while this one runs: no stall per step.
+            guard.check_previous()
+            guard.push(step, metrics, state)
             images += config.batch_size * len(s.tasks)
             if step % config.log_every == 0 or step == config.num_steps:
                 metrics = jax.device_get(metrics)
-                _check_finite(step, metrics, s, ckpt)
                 rates = {g: f(step - 1) for g, f in s.schedules.items()}
                 rate = images / max(time.perf_counter() - clock, 1e-9)
                 metrics_log.write(step, train_scalars(names, metrics, rates, rate))
@@ -92,10 +100,14 @@ def train(
             if config.eval_every and step % config.eval_every == 0 and step != end:
                 metrics_log.write(step, eval_scalars(evaluate(s, state, eval_step)))
             if step % config.checkpoint_every == 0 or step == end:
+                guard.check_current()  # Only a healthy state is ever checkpointed.
                 ckpt.save(state)
     except KeyboardInterrupt:
         ckpt.save(state, force=True)
         ckpt.close()
+        raise
+    except TrainingError:
+        ckpt.close()  # Pending saves of healthy states complete before the error is shown.
         raise
     finally:
         progress.close()
@@ -131,21 +143,6 @@ def _train_iterators(s: Setup, start_step: int) -> list[Iterator[dict[str, np.nd
         )
         for i, t in enumerate(s.tasks)
     ]
-
-
-def _check_finite(
-    step: int, metrics: Mapping[str, np.ndarray], s: Setup, ckpt: Checkpointer
-) -> None:
-    bad = [t.task.name for t, loss in zip(s.tasks, metrics["loss"]) if not math.isfinite(loss)]
-    if bad:
-        last = ckpt.latest_step()
-        raise TrainingError(
-            f"the training loss became NaN/inf at step {step} for task(s) {bad}; lower the "
-            f"learning rates (config.learning_rate.*, now {dict(s.config.learning_rate)}) or "
-            f"raise warmup_steps. "
-            + (f"The last good checkpoint (step {last}) is kept." if last is not None
-               else "No checkpoint was written.")
-        )
 
 
 def _progress(config: ml_collections.ConfigDict, start: int, end: int):

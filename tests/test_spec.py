@@ -339,7 +339,8 @@ def test_report_counts_per_group(small):
     assert rep.patch_stat_parameters == bn  # mean and var of each patched BN channel
     assert rep.patch_fraction == pytest.approx((bn + head) / total)
     for k in (0, 1, 10, 100):
-        assert rep.cost_of_tasks(k) == pytest.approx(1 + k * rep.patch_fraction)
+        assert rep.cost_of_tasks(k) == pytest.approx(1 - rep.patch_fraction
+                                                     + k * rep.patch_fraction)
 
 
 def test_report_ungrouped_matches_grouped_totals(small):
@@ -372,7 +373,14 @@ def test_report_str_has_the_table(small):
         assert f"{g.parameters:,}" in row
         assert f"{100 * g.parameters / rep.total_parameters:.2f}" in row
     assert any(line.startswith("total") for line in lines)
-    assert "K tasks cost 1 + K x" in text
+    p = rep.patch_fraction
+    assert f"K tasks cost {1 - p:.4f} + K x {p:.4f} models" in text
+
+
+def test_a_full_patch_costs_k_models_not_k_plus_one(lite0):
+    rep = report(lite0, partition(lite0, "full"))
+    assert rep.cost_of_tasks(10) == pytest.approx(10)
+    assert "(K=10: 10.00 instead of 10)" in str(rep)
 
 
 def test_report_lite0(lite0):
@@ -380,6 +388,6 @@ def test_report_lite0(lite0):
     assert rep.total_parameters == 4_652_008
     assert rep.patch_parameters == 42_016 + 1_281_000
     assert rep.patch_stat_parameters == 42_016
-    assert rep.cost_of_tasks(10) == pytest.approx(1 + 10 * 1_323_016 / 4_652_008)
+    assert rep.cost_of_tasks(10) == pytest.approx(1 + 9 * 1_323_016 / 4_652_008)
     sb = report(lite0, partition(lite0, "scale_bias"))
     assert sb.patch_fraction < 0.01  # the paper's point: ~1% of the model per task

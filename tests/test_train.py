@@ -71,7 +71,8 @@ def test_nan_loss_stops_with_advice_and_keeps_the_last_checkpoint(colours, tmp_p
     train(config, str(tmp_path), stop_at_step=2)
     config.learning_rate.scale_bias = 1e30  # SGD diverges to inf, then NaN.
     config.learning_rate.logits = 1e30
-    with pytest.raises(TrainingError, match=r"NaN.*learning_rate.*step 2\) is kept"):
+    with pytest.raises(TrainingError, match=r"(NaN/inf|diverged).*lower config.learning_rate.*"
+                       r"resumes from step 2"):
         train(config, str(tmp_path))
     assert Checkpointer(tmp_path / "checkpoints").latest_step() == 2
 
@@ -82,7 +83,7 @@ def test_nan_loss_stops_with_advice_and_keeps_the_last_checkpoint(colours, tmp_p
         ({"patch": "scale_bais"}, "unknown patch preset"),
         ({"optimizer": "adagrad"}, "use adamw, adam or sgd"),
         ({"schedule": "step"}, "use cosine, constant or onecycle"),
-        ({"num_steps": 0}, "must be positive"),
+        ({"num_steps": 0}, "must be at least 1"),
         ({"task_chunk": -2}, r"use 0 \(auto\), -1 \(all tasks at once\)"),
         ({"batch_size": 3, "mesh.tasks": 4, "mesh.data": 2},
          "batch_size=3 does not split over the mesh's 2-way"),

@@ -76,6 +76,10 @@ KERAS_PREPROCESSING = (127.5, 127.5, 127.5), (127.5, 127.5, 127.5)
 TORCHVISION_PREPROCESSING = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 
+# The smallest input kfor1 trains or serves: below it a stride-32 network has no spatial extent
+# worth the name (and 1x1 "images" train to nonsense silently).
+MIN_RESOLUTION = 16
+
 # A user model without a preprocessing of its own is fed pixels scaled to [-1, 1], at 224 px.
 DEFAULT_PREPROCESSING = Preprocessing(*KERAS_PREPROCESSING, resolution=224)
 

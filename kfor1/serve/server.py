@@ -33,6 +33,7 @@ from kfor1.basefile import fingerprint
 from kfor1.microbatch import MicroBatch, map_micro_batches
 from kfor1.models import Preprocessing, Pretrained
 from kfor1.multitask import MultiTaskState
+from kfor1.patchcheck import validate
 from kfor1.patchfile import Patch, check_base, load_patch, make_patch
 from kfor1.serve.table import (
     PatchTable,
@@ -237,7 +238,9 @@ class PatchServer:
         classes and preprocessing are checked first: a refused patch leaves the table as it
         was. ``name`` overrides the task name the patch records."""
         if not isinstance(patch, Patch):
-            patch = load_patch(patch)
+            patch = load_patch(patch)  # Verified and validated as it is read.
+        else:
+            validate(f"{patch.meta.get('task')!r} (in memory)", patch.meta, patch.variables)
         name = name or patch.meta.get("task") or "task"
         if name in self._served:
             raise PatchTableError(f"task {name!r} is served already; remove({name!r}) first or "

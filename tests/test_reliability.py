@@ -1,0 +1,162 @@
+"""Issue 13's user errors and silent wrong results, one test per case: each is one actionable
+line (rc 2, no traceback) raised before any expensive work, or a refusal with its reason.
+
+Read as a specification of the checks in ``kfor1.config``, ``kfor1.experiment``, ``kfor1.train``
+and ``kfor1.cli``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_runs import run_config
+
+from kfor1 import cli
+from kfor1.config import ConfigError
+from kfor1.experiment import check_values
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _train(argv, capsys):
+    code = cli.main(["train", *argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def _config_module(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_an_unknown_config_argument_says_did_you_mean(tmp_path, capsys):
+    code, err = _train(["--config", f"{REPO}/configs/transfer.py:datset=digits",
+                        "--workdir", str(tmp_path)], capsys)
+    assert code == 2 and "unknown config argument 'datset'; did you mean 'dataset'?" in err
+
+
+def test_an_unknown_config_flag_names_the_field(tmp_path, capsys):
+    code, err = _train(["--config", f"{REPO}/configs/quickstart.py",
+                        "--config.num_stepz=3", "--workdir", str(tmp_path)], capsys)
+    assert code == 2 and "unknown config field 'num_stepz'" in err and "num_steps" in err
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("num_steps=abc", "config argument num_steps='abc': expected an integer"),
+    ("resolution=abc", "config argument resolution='abc': expected an integer"),
+])
+def test_a_config_argument_of_the_wrong_type_names_key_and_type(arg, message, tmp_path, capsys):
+    code, err = _train(["--config", f"{REPO}/configs/transfer.py:{arg}",
+                        "--workdir", str(tmp_path)], capsys)
+    assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("key", ["checkpoint_every", "log_every", "keep_checkpoints"])
+def test_zero_intervals_are_refused_before_compiling(key, colours):
+    config = run_config(colours)
+    config[key] = 0
+    with pytest.raises(ConfigError, match=f"config.{key}=0 must be at least 1"):
+        check_values(config)
+
+
+def test_a_config_file_that_does_not_exist(tmp_path, capsys):
+    code, err = _train(["--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path)],
+                       capsys)
+    assert code == 2 and "cannot load the config file" in err
+
+
+def test_a_workdir_that_is_a_file(tmp_path, colours):
+    from kfor1.train import train
+
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(ValueError, match="is a file; give a directory"):
+        train(run_config(colours), str(path))
+
+
+def test_a_resolution_of_1_is_refused(colours):
+    config = run_config(colours)
+    config.tasks[0].resolution = 1
+    with pytest.raises(ConfigError, match="resolution=1 is too small; use at least 16"):
+        check_values(config)
+
+
+def test_a_dataset_with_one_class_is_refused(tmp_path):
+    from kfor1.experiment import setup
+
+    for split in ("train", "test"):
+        (tmp_path / "one" / split / "only").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 9 * i, np.uint8)).save(
+                tmp_path / "one" / split / "only" / f"{i}.png")
+    config = run_config(tmp_path / "one")
+    config.tasks = [config.tasks[1]]
+    with pytest.raises(ConfigError, match=r"has 1 class \(only\): a classifier needs at least 2"):
+        setup(config)
+
+
+def test_predict_refuses_model_with_patch(trained_run, tmp_path, capsys):
+    workdir, _ = trained_run
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    code = cli.main(["predict", "--model", "nonexistent", "--patch",
+                     str(workdir / "patches" / "colours"), str(image)])
+    assert code == 2 and "--model nonexistent with --patch" in capsys.readouterr().err
+
+
+def test_quickstart_takes_its_argument():
+    quickstart = _config_module("quickstart")
+    assert quickstart.get_config("num_steps=7,patch=logits").num_steps == 7
+    with pytest.raises(ConfigError, match="unknown config argument 'steps'"):
+        quickstart.get_config("steps=7")
+
+
+def test_a_refused_resume_leaves_config_json_as_it_was(trained_run, tmp_path, colours):
+    from kfor1.train import train
+
+    workdir, _ = trained_run
+    copy = shutil.copytree(workdir, tmp_path / "run")
+    before = (copy / "config.json").read_bytes()
+    changed = run_config(colours, patch="depthwise+logits")
+    with pytest.raises(ValueError, match="does not fit this run's model, patch"):
+        train(changed, str(copy))
+    assert (copy / "config.json").read_bytes() == before
+
+
+def test_eval_of_a_pruned_step_says_which_steps_exist(trained_run, capsys):
+    workdir, _ = trained_run
+    assert cli.main(["eval", "--workdir", str(workdir), "--step", "1"]) == 2
+    assert "no checkpoint at step 1" in (err := capsys.readouterr().err) and "it keeps steps" in err
+
+
+def test_a_diverging_run_stops_and_checkpoints_only_healthy_states(colours, tmp_path):
+    """Adam at a learning rate of 1e6: losses of 1e9 and more that are never NaN."""
+    import jax
+
+    from kfor1.checkpoint import Checkpointer
+    from kfor1.errors import TrainingError
+    from kfor1.experiment import setup
+    from kfor1.train import train
+
+    config = run_config(colours, num_steps=8, checkpoint_every=1)
+    config.tasks = [config.tasks[0]]
+    train(config, str(tmp_path), stop_at_step=2)
+    config.learning_rate.scale_bias = 1e6
+    config.learning_rate.logits = 1e6
+    with pytest.raises(TrainingError, match=r"(diverged|NaN/inf).* at step \d.*lower "
+                       r"config.learning_rate.(scale_bias|logits) \(now 1e\+06"):
+        train(config, str(tmp_path))
+    assert not (tmp_path / "patches").exists()
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    state = ckpt.restore(setup(config).init_state())
+    ckpt.close()
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.opt_state))
