@@ -1,5 +1,7 @@
 """A run's health, checked every step: training stops at the first non-finite loss or
-parameter, or a loss far above its first value, before a diverged state is checkpointed.
+parameter, or a loss far above its first value, before a diverged state is checkpointed; and
+its stop signals: SIGINT (Ctrl-C) and SIGTERM (preemption) end the run after the step in
+flight, with a checkpoint of it.
 
 Why in the loop and not at log steps only: a learning rate of 1e6 gives losses of 1e9-1e32
 that are never NaN, and an inf that reaches the optimizer state poisons every later
@@ -8,7 +10,10 @@ checkpoint. The check costs one small reduction per step, read while the next st
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -78,3 +83,30 @@ class Guard:
             + (f"Checkpoints hold only healthy states: the run resumes from step {last}."
                if last is not None else "No checkpoint was written.")
         )
+
+
+class Interrupted(TrainingError):
+    """The run was asked to stop (SIGINT or SIGTERM) and saved a checkpoint first."""
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[dict[str, str | None]]:
+    """While active, SIGINT and SIGTERM only record their name in the yielded dict (the loop
+    stops after the step in flight: a step interrupted half-way has donated its input state,
+    and there would be nothing whole to save). A second SIGINT interrupts at once."""
+    received: dict[str, str | None] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # Signal handlers can only be set from the main thread.
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if received["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received["signal"] = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -6,7 +6,9 @@ Decoding failures become one readable ``ImageReadError`` instead of a Pillow tra
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import struct
 import zlib
 
@@ -15,7 +17,7 @@ from PIL import Image, ImageOps
 
 from kfor1.errors import UserError
 
-__all__ = ["ImageReadError", "center_crop_resize", "load_image"]
+__all__ = ["ImageReadError", "center_crop_resize", "decode_bytes", "load_image"]
 
 
 class ImageReadError(UserError, ValueError):
@@ -54,22 +56,29 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         raise FileNotFoundError(f"no such image file: {path}")
     if os.path.isdir(path):
         raise ImageReadError(f"cannot read image {path}: it is a directory")
+    with open(path, "rb") as f:
+        return decode_bytes(f.read(), path)
+
+
+def decode_bytes(data: bytes, name: str = "image") -> np.ndarray:
+    """Encoded bytes (JPEG, PNG, BMP, GIF, WebP...) to ``uint8`` (height, width, 3), RGB: kfor1's
+    one decoding rule, used by training's input pipeline and by prediction alike (EXIF
+    orientation applied; transparency composited over white). ``name`` goes in errors."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()  # Decode now, so truncated files fail here rather than later.
             image = ImageOps.exif_transpose(image) or image
             rgb = _to_rgb(image)
-    except PermissionError:
-        raise
     # Pillow signals bad data with many types (UnidentifiedImageError is an OSError; broken
     # PNG chunks raise SyntaxError; short reads struct.error or EOFError).
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
             Image.DecompressionBombError) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise _read_error(path, reason.replace(f" {path!r}", "").replace(path, "")) from None
+        reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+        reason = reason.replace(f" {name!r}", "").replace(name, "") or type(exc).__name__
+        raise _read_error(name, reason) from None
     array = np.asarray(rgb, dtype=np.uint8)
     if array.ndim != 3 or array.shape[-1] != 3 or 0 in array.shape:
-        raise _read_error(path, f"decoded to an array of shape {array.shape}")
+        raise _read_error(name, f"decoded to an array of shape {array.shape}")
     return array
 
 

@@ -27,7 +27,7 @@ from kfor1.checkpoint import Checkpointer
 from kfor1.errors import TrainingError
 from kfor1.evaluate import evaluate, group_batches
 from kfor1.experiment import Setup, setup
-from kfor1.health import Guard
+from kfor1.health import Guard, Interrupted, stop_signals
 from kfor1.metrics import MetricsLog, eval_scalars, summary, train_scalars
 from kfor1.multitask import task_variables
 from kfor1.patchfile import describe
@@ -82,32 +82,38 @@ def train(
     images, clock = 0, time.perf_counter()
     guard = Guard(s, ckpt)
     try:
-        for step in range(start + 1, end + 1):
-            batch = group_batches([next(it) for it in iterators], groups, s.mesh)
-            state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
-            # The previous step's health, read while this one runs: no stall per step.
-            guard.check_previous()
-            guard.push(step, metrics, state)
-            images += config.batch_size * len(s.tasks)
-            if step % config.log_every == 0 or step == config.num_steps:
-                metrics = jax.device_get(metrics)
-                rates = {g: f(step - 1) for g, f in s.schedules.items()}
-                rate = images / max(time.perf_counter() - clock, 1e-9)
-                metrics_log.write(step, train_scalars(names, metrics, rates, rate))
-                progress.set_postfix(loss=f"{float(np.mean(metrics['loss'])):.3f}")
-                images, clock = 0, time.perf_counter()
-            progress.update(1)
-            if config.eval_every and step % config.eval_every == 0 and step != end:
-                metrics_log.write(step, eval_scalars(evaluate(s, state, eval_step)))
-            if step % config.checkpoint_every == 0 or step == end:
-                guard.check_current()  # Only a healthy state is ever checkpointed.
-                ckpt.save(state)
-    except KeyboardInterrupt:
-        ckpt.save(state, force=True)
+        with stop_signals() as stop:
+            for step in range(start + 1, end + 1):
+                batch = group_batches([next(it) for it in iterators], groups, s.mesh)
+                state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
+                # The previous step's health, read while this one runs: no stall per step.
+                guard.check_previous()
+                guard.push(step, metrics, state)
+                images += config.batch_size * len(s.tasks)
+                if step % config.log_every == 0 or step == config.num_steps:
+                    metrics = jax.device_get(metrics)
+                    rates = {g: f(step - 1) for g, f in s.schedules.items()}
+                    rate = images / max(time.perf_counter() - clock, 1e-9)
+                    metrics_log.write(step, train_scalars(names, metrics, rates, rate))
+                    progress.set_postfix(loss=f"{float(np.mean(metrics['loss'])):.3f}")
+                    images, clock = 0, time.perf_counter()
+                progress.update(1)
+                if config.eval_every and step % config.eval_every == 0 and step != end:
+                    metrics_log.write(step, eval_scalars(evaluate(s, state, eval_step)))
+                if step % config.checkpoint_every == 0 or step == end or stop["signal"]:
+                    guard.check_current()  # Only a healthy state is ever checkpointed.
+                    ckpt.save(state, force=bool(stop["signal"]))
+                if stop["signal"]:
+                    raise Interrupted(
+                        f"{stop['signal']} received: stopped after step {step}, checkpoint "
+                        f"saved in {ckpt.directory}; run the same command to resume from it"
+                    )
+    except KeyboardInterrupt:  # A second Ctrl-C: the step in flight may hold donated arrays.
         ckpt.close()
         raise
     except TrainingError:
         ckpt.close()  # Pending saves of healthy states complete before the error is shown.
+        metrics_log.close()
         raise
     finally:
         progress.close()

@@ -104,7 +104,7 @@ def test_every_user_error_class_is_the_same_one_line_from_both_entry_points(
         (["--config", "configs/quickstart.py", "--config.num_stepz=3"],
          "unknown config field 'num_stepz'"),
         (["--config", "configs/transfer.py:dataset=digits,patchh=logits"],
-         "unknown config argument(s) ['patchh']"),
+         "unknown config argument 'patchh'; did you mean 'patch'?"),
         (["--config", "configs/nope.py"], "configs/nope.py"),
         (["--config", "configs/quickstart.py", "--config.num_steps=many"], "many"),
         (["--config", "configs/quickstart.py", "--bogus=1"], "bogus"),

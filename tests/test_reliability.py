@@ -160,3 +160,67 @@ def test_a_diverging_run_stops_and_checkpoints_only_healthy_states(colours, tmp_
     ckpt.close()
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.opt_state))
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_mid_run_saves_the_last_step_and_resumes(signum, colours, tmp_path):
+    """Ctrl-C or a preemption's SIGTERM while training: the step in flight completes, its
+    checkpoint is written, the process exits with one line, and the same command resumes."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tmp_path / "config.py"
+    tests, folder = str(REPO / "tests"), str(colours)
+    config.write_text(
+        f"import sys\nsys.path.insert(0, {tests!r})\nfrom tiny_runs import run_config\n"
+        f"def get_config():\n    c = run_config({folder!r}, num_steps=400, log_every=1, "
+        "checkpoint_every=1000)\n    c.tasks = [c.tasks[0]]\n    return c\n"
+    )
+    workdir = tmp_path / "run"
+    argv = [sys.executable, "-m", "launch.train", "--config", str(config), "--workdir",
+            str(workdir)]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n")
+                                          >= 2):
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, signum))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in err, err[-2000:]
+    assert f"{signum} received: stopped after step" in err
+    stopped = int(err.split("stopped after step ")[1].split(",")[0])
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert stopped >= 2 and steps[-1] == stopped
+    from kfor1.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(workdir / "checkpoints")
+    assert ckpt.latest_step() == stopped
+    ckpt.close()
+
+
+def test_training_and_predict_decode_a_file_the_same_way(tmp_path):
+    """RGBA over white and EXIF orientation, in the input pipeline as in kfor1 predict."""
+    import tensorflow as tf
+
+    from kfor1.data import decode_image
+    from kfor1.images import load_image
+
+    rgba = np.zeros((6, 10, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :5, 3] = 255  # Left half opaque red, right half transparent.
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    photo = Image.fromarray(np.arange(6 * 10 * 3, dtype=np.uint8).reshape(6, 10, 3))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display.
+    photo.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    for name, shape in (("alpha.png", (6, 10, 3)), ("phone.jpg", (10, 6, 3))):
+        served = load_image(tmp_path / name)
+        trained = decode_image(tf.constant((tmp_path / name).read_bytes())).numpy()
+        assert served.shape == trained.shape == shape
+        np.testing.assert_array_equal(trained, served)
+    assert (load_image(tmp_path / "alpha.png")[:, 5:] == 255).all()  # Composited on white.

@@ -9,19 +9,31 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
+
 from kfor1.data._tf import tf
 from kfor1.data.errors import DataError
+from kfor1.images import decode_bytes
 
 __all__ = ["decode_example", "decode_image"]
 
 
-def decode_image(image: tf.Tensor) -> tf.Tensor:
-    """``uint8`` (H, W, 3) from encoded bytes (JPEG, PNG, BMP, GIF) or uint8 pixels.
+def _decode_bytes(data: bytes | np.ndarray) -> np.ndarray:
+    # tf.numpy_function hands a scalar string over as bytes in graphs, as a 0-d object array
+    # eagerly.
+    return decode_bytes(data.item() if isinstance(data, np.ndarray) else bytes(data))
 
-    Grayscale becomes RGB by repeating the channel; an alpha channel is dropped.
+
+def decode_image(image: tf.Tensor) -> tf.Tensor:
+    """``uint8`` (H, W, 3) from encoded bytes (JPEG, PNG, BMP, GIF, WebP) or uint8 pixels.
+
+    Encoded images decode by ``kfor1.images.decode_bytes``, the rule ``kfor1 predict`` uses
+    too (EXIF orientation applied, transparency over white), so a model sees a file the same
+    way in training and in serving. Pixel arrays: grayscale becomes RGB by repeating the
+    channel; an alpha channel is dropped.
     """
     if image.dtype == tf.string:
-        pixels = tf.io.decode_image(image, channels=3, expand_animations=False, dtype=tf.uint8)
+        pixels = tf.numpy_function(_decode_bytes, [image], tf.uint8, stateful=False)
         pixels.set_shape([None, None, 3])
         return pixels
     if image.dtype != tf.uint8:

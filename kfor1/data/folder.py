@@ -118,8 +118,8 @@ def check_classes(
 def undecodable(files: list[str] | tuple[str, ...]) -> list[str]:
     """The files that the input pipeline's decoder rejects, in the given order.
 
-    Decodes every file with the pipeline's own decoder (``tf.io.decode_image``) in a parallel
-    tf.data pipeline, so what passes here also passes in training.
+    Decodes every file with the pipeline's own decoder (``kfor1.images.decode_bytes``) in a
+    parallel tf.data pipeline, so what passes here also passes in training.
     """
     if not files:
         return []
