@@ -15,7 +15,7 @@ from kfor1.spec import PatchSpec
     [
         ("patch", "scale_bais", "unknown patch preset"),
         ("task_chunk", -3, "task_chunk=-3"),
-        ("num_steps", 0, "must be positive"),
+        ("num_steps", 0, "must be at least 1"),
         ("tasks", [], "config.tasks is empty"),
     ],
 )
