@@ -185,7 +185,7 @@ def _export_served(args: argparse.Namespace) -> int:
             raise ValueError(f"--format {args.format} needs --patch DIR ... or --workdir")
         from kfor1.workdir import Workdir
 
-        root = os.path.dirname(Workdir(args.workdir).patch("x"))
+        root = Workdir(args.workdir).patches
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{args.workdir} has no patches/; train or `kfor1 export "
                                     "--workdir` first")

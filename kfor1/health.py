@@ -55,13 +55,11 @@ class Guard:
                 DIVERGENCE_FACTOR * np.maximum(first, 1.0), DIVERGED_LOSS), DIVERGED_LOSS))
         self.pending = (step, loss, _health(loss, state.params, self.limit))
 
-    def check_previous(self) -> None:
+    def check(self) -> None:
+        """Raises ``TrainingError`` if the last pushed step was unhealthy (waits for it)."""
         if self.pending is not None:
             self._check(*self.pending)
             self.pending = None
-
-    def check_current(self) -> None:
-        self.check_previous()
 
     def _check(self, step: int, loss: jax.Array, flags: jax.Array) -> None:
         flags = np.asarray(jax.device_get(flags))

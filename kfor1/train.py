@@ -87,7 +87,7 @@ def train(
                 batch = group_batches([next(it) for it in iterators], groups, s.mesh)
                 state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
                 # The previous step's health, read while this one runs: no stall per step.
-                guard.check_previous()
+                guard.check()
                 guard.push(step, metrics, state)
                 images += config.batch_size * len(s.tasks)
                 if step % config.log_every == 0 or step == config.num_steps:
@@ -101,7 +101,7 @@ def train(
                 if config.eval_every and step % config.eval_every == 0 and step != end:
                     metrics_log.write(step, eval_scalars(evaluate(s, state, eval_step)))
                 if step % config.checkpoint_every == 0 or step == end or stop["signal"]:
-                    guard.check_current()  # Only a healthy state is ever checkpointed.
+                    guard.check()  # Only a healthy state is ever checkpointed.
                     ckpt.save(state, force=bool(stop["signal"]))
                 if stop["signal"]:
                     raise Interrupted(

@@ -75,8 +75,12 @@ class Workdir:
     def base(self) -> str:
         return os.path.join(self.root, BASE_DIR)
 
+    @property
+    def patches(self) -> str:
+        return os.path.join(self.root, PATCHES_DIR)
+
     def patch(self, task: str) -> str:
-        return os.path.join(self.root, PATCHES_DIR, task)
+        return os.path.join(self.patches, task)
 
 
 def as_workdir(workdir: str | os.PathLike | Workdir) -> Workdir:

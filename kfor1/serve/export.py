@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -128,26 +129,26 @@ def export(
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     module = tf_module(server)
-    saved = os.path.join(directory, "savedmodel")
-    tf.saved_model.save(module, saved, signatures={SIGNATURE: module.serve})
     record = json.dumps(tasks_record(server), indent=2)
-    atomic_write(os.path.join(saved, TASKS_FILE), record)
-    out = {"savedmodel": saved}
-    if "tflite" in formats:
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=[SIGNATURE])
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-        try:
-            flatbuffer = converter.convert()
-        except Exception as e:  # The converter raises its own error types.
-            raise ExportError(f"TFLite conversion failed: {' '.join(str(e).split())[:300]}"
-                              ) from None
-        path = os.path.join(directory, "model.tflite")
-        atomic_write(path, flatbuffer)
-        atomic_write(os.path.join(directory, TASKS_FILE), record)
-        out["tflite"] = path
-    if "savedmodel" not in formats:
-        import shutil
-
-        shutil.rmtree(saved)
-        del out["savedmodel"]
+    out = {}
+    # TFLite converts from a SavedModel: without --format savedmodel it is a temporary one.
+    with tempfile.TemporaryDirectory() as scratch:
+        saved = os.path.join(directory if "savedmodel" in formats else scratch, "savedmodel")
+        tf.saved_model.save(module, saved, signatures={SIGNATURE: module.serve})
+        atomic_write(os.path.join(saved, TASKS_FILE), record)
+        if "savedmodel" in formats:
+            out["savedmodel"] = saved
+        if "tflite" in formats:
+            converter = tf.lite.TFLiteConverter.from_saved_model(saved,
+                                                                 signature_keys=[SIGNATURE])
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+            try:
+                flatbuffer = converter.convert()
+            except Exception as e:  # The converter raises its own error types.
+                raise ExportError(f"TFLite conversion failed: {' '.join(str(e).split())[:300]}"
+                                  ) from None
+            path = os.path.join(directory, "model.tflite")
+            atomic_write(path, flatbuffer)
+            atomic_write(os.path.join(directory, TASKS_FILE), record)
+            out["tflite"] = path
     return out

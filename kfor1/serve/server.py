@@ -105,21 +105,14 @@ def serve_fn(model: Any, preprocessing: Preprocessing, train_kwarg: str = "train
     """``f(shared, table, task_slots (B,), images uint8 (B, H, W, 3)) -> probabilities
     (B, max_classes)``: the pure function a server compiles (and ``kfor1.serve.export``
     converts). ``shared`` is the flat dict of the base's leaves the table does not hold."""
-    mean = np.asarray(preprocessing.mean, np.float32)
-    std = np.asarray(preprocessing.std, np.float32)
 
     def one(shared: Mapping[str, jax.Array], row: Mapping[str, jax.Array], x: jax.Array):
-        flat = {**shared, **row}
-        variables = {}
-        for collection in ("params", "batch_stats"):
-            part = {p[len(collection) + 1:]: v for p, v in flat.items()
-                    if p.startswith(collection + "/")}
-            if part:
-                variables[collection] = unflatten(part)
+        # Flat "params/..." and "batch_stats/..." paths: one unflatten gives the variables.
+        variables = unflatten({**shared, **row})
         return model.apply(variables, x[None], **{train_kwarg: False})[0]
 
     def chunk(shared, table: PatchTable, slots: jax.Array, images: jax.Array) -> jax.Array:
-        x = (images.astype(jnp.float32) - mean) / std
+        x = preprocessing.normalize(images)
         rows = {p: jnp.asarray(v)[slots] for p, v in table.rows.items()}  # (B, ...) per leaf.
         logits = jax.vmap(one, in_axes=(None, 0, 0))(shared, rows, x).astype(jnp.float32)
         classes = jnp.asarray(table.num_classes)[slots]
