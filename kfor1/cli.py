@@ -19,7 +19,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kfor1.errors import USER_ERRORS, one_line
-from kfor1.predict import Prediction
 from kfor1.table import format_table
 
 TRAIN_EXAMPLE = "kfor1 train --config configs/transfer.py:dataset=digits --workdir runs/digits"
@@ -248,14 +247,14 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     pretrained = load_pretrained(args.model or "efficientnet_lite0", args.weights)
     k = _check_top_k(args.top_k, len(pretrained.class_names), pretrained.name)
-    results = top_k(pretrained, args.images, k=k, batch_size=args.batch_size)
-    if args.json:
-        print(json.dumps([{"path": path, "top": [p._asdict() for p in preds]}
-                          for path, preds in zip(args.images, results)], indent=2))
-        return 0
-    blocks = [format_predictions(path, preds) for path, preds in zip(args.images, results)]
-    print("\n\n".join(blocks))
-    return 0
+    results = top_k(pretrained, args.images, k=k, batch_size=args.batch_size,
+                    skip_unreadable=True)
+    return _print_results(args, [
+        {"path": path, "error": one_line(r)} if isinstance(r, Exception)
+        else {"path": path, "top": [{"index": p.class_index, "name": p.class_name,
+                                     "probability": p.probability} for p in r]}
+        for path, r in zip(args.images, results)
+    ], tagged=False)
 
 
 def _predict_tasks(args: argparse.Namespace) -> int:
@@ -272,30 +271,26 @@ def _predict_tasks(args: argparse.Namespace) -> int:
     k = args.top_k or 5
     if len(tasks) == 1 or args.top_k is not None:
         k = _check_top_k(args.top_k, len(widest.class_names), f"task {widest.name!r}")
-    results = predict_requests(server, requests, k=k, batch_size=args.batch_size)
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return 0
-    blocks = []
-    for r in results:
-        header = r["path"] if len(tasks) == 1 else f"{r['path']}  [{r['task']}]"
-        preds = [Prediction(p["index"], p["name"], p["probability"]) for p in r["top"]]
-        blocks.append(format_predictions(header, preds))
-    print("\n\n".join(blocks))
-    return 0
+    results = predict_requests(server, requests, k=k, batch_size=args.batch_size,
+                               skip_unreadable=True)
+    return _print_results(args, results, tagged=len(tasks) > 1)
 
 
-def format_predictions(path: str, predictions: Sequence[Prediction]) -> str:
-    """The image path, then one aligned row per class: rank, probability, index, name."""
-    index_width = max(len(str(p.class_index)) for p in predictions)
-    rank_width = len(str(len(predictions)))
-    lines = [path]
-    for rank, p in enumerate(predictions, 1):
-        lines.append(
-            f"  {rank:>{rank_width}}  {100 * p.probability:6.2f}%  "
-            f"{p.class_index:>{index_width}}  {p.class_name}"
-        )
-    return "\n".join(lines)
+def _print_results(args: argparse.Namespace, results: list[dict], tagged: bool) -> int:
+    """Prints the predictions (a table, or ``--json``); images that could not be read are
+    reported on stderr, one line each, after the others are printed (exit status 2)."""
+    from kfor1.predict import format_results
+
+    text = json.dumps(results, indent=2) if args.json else format_results(results, tagged)
+    if text:
+        print(text)
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"error: {r['error']}", file=sys.stderr)
+    if failed:
+        print(f"error: {len(failed)} of {len(results)} images could not be read (the others "
+              "were classified); re-encode or remove them", file=sys.stderr)
+    return 2 if failed else 0
 
 
 # --- params ----------------------------------------------------------------------------------

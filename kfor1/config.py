@@ -51,6 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.task_chunk = 0
     c.tasks = [task("digits")]
     c.data_dir = ""  # tensorflow-datasets data_dir ('' = its default).
+    # True: a folder's undecodable images are left out (named in the log and summary.json)
+    # instead of stopping the run before it starts.
+    c.skip_bad_images = False
 
     c.batch_size = 32  # Per task and step.
     c.num_steps = 1000

@@ -10,6 +10,7 @@ task's train split (its classes come from the run's ``tasks.json``, see ``kfor1.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -166,12 +167,23 @@ def _load_task(
 ) -> TaskData:
     data_dir = config.data_dir or None
     pinned = None if class_names is None else tuple(class_names)
-    train_ds = None
+    train_ds, skipped = None, {}
+    skip = bool(config.skip_bad_images)
     if train:
         # Undecoded: shuffling and resuming (skip) then work on paths/bytes, not pixels.
-        train_ds, _ = kdata.load_source(t.dataset, "train", data_dir=data_dir, seed=config.seed,
-                                        decode=False, class_names=pinned)
-    test_ds, info = kdata.load_source(t.dataset, "test", data_dir=data_dir, class_names=pinned)
+        train_ds, train_info = kdata.load_source(
+            t.dataset, "train", data_dir=data_dir, seed=config.seed, decode=False,
+            class_names=pinned, skip_bad_images=skip)
+        skipped.update(train_info.skipped)
+    test_ds, info = kdata.load_source(t.dataset, "test", data_dir=data_dir, class_names=pinned,
+                                      skip_bad_images=skip)
+    skipped.update(info.skipped)
+    for split, files in skipped.items():
+        print(f"warning: task {t.name!r}: skipped {len(files)} {split} image"
+              f"{'s' if len(files) > 1 else ''} that cannot be decoded "
+              f"(config.skip_bad_images): {', '.join(files[:5])}"
+              + (f" and {len(files) - 5} more" if len(files) > 5 else ""), file=sys.stderr)
+    info = dataclasses.replace(info, skipped=skipped)
     if info.num_classes < 2:
         raise ConfigError(
             f"task {t.name!r} ({t.dataset}) has {info.num_classes} class"

@@ -11,13 +11,14 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from kfor1.errors import UserError
 
-__all__ = ["ImageReadError", "center_crop_resize", "decode_bytes", "load_image"]
+__all__ = ["ImageReadError", "center_crop_resize", "decode_bytes", "load_image", "read_images"]
 
 
 class ImageReadError(UserError, ValueError):
@@ -109,3 +110,24 @@ def center_crop_resize(image: np.ndarray, resolution: int, crop_fraction: float)
     top = (new_h - resolution) // 2
     left = (new_w - resolution) // 2
     return np.ascontiguousarray(image[top : top + resolution, left : left + resolution])
+
+
+def read_images(
+    paths: Sequence[str], resolution: int | Sequence[int], crop_fraction: float | Sequence[float],
+) -> tuple[list[np.ndarray | None], list[ImageReadError]]:
+    """Each file decoded and centre-cropped to ``resolution`` (a ``uint8`` HWC array), or
+    ``None`` where it cannot be decoded, with the errors of those files in order.
+
+    ``resolution`` and ``crop_fraction`` may be one value or one per path (mixed tasks)."""
+    sizes = [resolution] * len(paths) if isinstance(resolution, int) else list(resolution)
+    crops = ([crop_fraction] * len(paths) if isinstance(crop_fraction, float | int)
+             else list(crop_fraction))
+    images: list[np.ndarray | None] = []
+    errors: list[ImageReadError] = []
+    for path, size, crop in zip(paths, sizes, crops):
+        try:
+            images.append(center_crop_resize(load_image(path), size, crop))
+        except ImageReadError as e:
+            images.append(None)
+            errors.append(e)
+    return images, errors

@@ -71,12 +71,17 @@ def summary(
     *, model: str, spec: Any, task_report: PatchReport,
     results: Mapping[str, Mapping[str, float]], num_classes: Mapping[str, int],
     patch_files: Mapping[str, Mapping[str, Any]],
+    skipped_images: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
 ) -> dict[str, Any]:
     """The run's ``summary.json``: per task its eval results, class count and patch file
-    (``kfor1.patchfile.describe``), and totals; ``task_report`` is of the first task's model
-    (its head, not ImageNet's)."""
+    (``kfor1.patchfile.describe``), the images it left out per split (``skipped_images``:
+    ``{"train": {"count", "files"}}``, ``config.skip_bad_images``), and totals;
+    ``task_report`` is of the first task's model (its head, not ImageNet's)."""
+    skipped_images = skipped_images or {}
     tasks = {
-        name: {**results[name], "num_classes": num_classes[name], **patch_files[name]}
+        name: {**results[name], "num_classes": num_classes[name], **patch_files[name],
+               "skipped_images": {split: {"count": len(files), "files": list(files)}
+                                  for split, files in skipped_images.get(name, {}).items()}}
         for name in results
     }
     return {

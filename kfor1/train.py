@@ -130,6 +130,7 @@ def train(
         model=config.model, spec=s.spec.describe(), task_report=task_report, results=results,
         num_classes={t.task.name: t.task.num_classes for t in s.tasks},
         patch_files={name: describe(path) for name, path in patches.items()},
+        skipped_images={t.task.name: t.info.skipped for t in s.tasks},
     )
     with open(wd.summary, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=2)

@@ -151,6 +151,7 @@ def load_folder(
     name: str,
     seed: int = 0,
     check_images: bool = True,
+    skip_bad_images: bool = False,
     decode: bool = True,
     class_names: tuple[str, ...] | None = None,
 ) -> tuple[tf.data.Dataset, DatasetInfo]:
@@ -163,8 +164,10 @@ def load_folder(
     finite shuffle buffer would not mix a sorted listing), the test split by a fixed permutation,
     so that its first N images (``config.max_eval_examples``) cover every class and are the
     same N in every run. With ``check_images`` every file of the split is decoded once up front and
-    undecodable ones are reported as a ``DataError``; without it they surface when read, and the
-    input pipeline skips them with a warning.
+    undecodable ones are reported as a ``DataError`` — or, with ``skip_bad_images``, left out of
+    the listing and named in ``DatasetInfo.skipped`` (so that every run of the folder sees the
+    same files, and resumes stay exact). Without ``check_images`` they surface when read, and
+    the input pipeline skips them with a warning.
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -182,16 +185,22 @@ def load_folder(
                       short=split, against="the run's classes",
                       fix="restore the class folders the run was trained on")
         sizes = {split: len(chosen.files)}
-    if check_images:
-        bad = undecodable(chosen.files)
-        if bad:
-            raise DataError(
-                f"{len(bad)} of {len(chosen.files)} {split} images in {root} cannot be decoded: "
-                f"{_names(bad)}; remove or re-encode them (or pass check_images=False to skip "
-                "them with a warning)"
-            )
-    files = np.asarray(chosen.files)
-    labels = np.asarray(chosen.labels, dtype=np.int64)
+    bad: list[str] = undecodable(chosen.files) if check_images else []
+    if bad and not skip_bad_images:
+        raise DataError(
+            f"{len(bad)} of {len(chosen.files)} {split} images in {root} cannot be decoded: "
+            f"{_names(bad)}; remove or re-encode them, or set config.skip_bad_images=True "
+            "(--config.skip_bad_images=true) to train without them"
+        )
+    dropped = set(bad)
+    keep = [i for i, f in enumerate(chosen.files) if f not in dropped]
+    if not keep:
+        raise DataError(f"none of the {len(chosen.files)} {split} images in {root} can be "
+                        f"decoded ({_names(bad)}); re-encode them")
+    files = np.asarray(chosen.files)[keep]
+    labels = np.asarray(chosen.labels, dtype=np.int64)[keep]
+    if dropped:
+        sizes[split] = len(files)
     order = np.random.default_rng(seed if split == "train" else 0).permutation(len(files))
     files, labels = files[order], labels[order]
     ds = tf.data.Dataset.from_tensor_slices({"path": files, "label": labels})
@@ -202,5 +211,6 @@ def load_folder(
         num_classes=len(class_names),
         class_names=tuple(class_names),
         num_examples=sizes,
+        skipped={split: tuple(bad)} if bad else {},
     )
     return ds, info

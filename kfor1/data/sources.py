@@ -29,6 +29,7 @@ def load_source(
     data_dir: str | None = None,
     seed: int = 0,
     check_images: bool = True,
+    skip_bad_images: bool = False,
     decode: bool = True,
     class_names: tuple[str, ...] | None = None,
 ) -> tuple[tf.data.Dataset, DatasetInfo]:
@@ -36,7 +37,8 @@ def load_source(
 
     ``data_dir`` is the tensorflow-datasets directory (None: its default). ``seed`` fixes the
     order of a folder's train files. ``check_images`` decodes a folder split once up front and
-    raises ``DataError`` for bad files (~1 s per 25,000 small JPEGs).
+    raises ``DataError`` for bad files (~1 s per 25,000 small JPEGs), or with
+    ``skip_bad_images`` leaves them out and lists them in ``DatasetInfo.skipped``.
 
     ``decode=False`` keeps images undecoded (folder: ``{"path", "label"}``; tfds: encoded bytes
     in ``"image"``); ``train_batches`` and ``eval_batches`` decode them after shuffling and
@@ -50,7 +52,7 @@ def load_source(
     kind, sep, rest = source.partition(":")
     if kind == "folder" and sep and rest:
         return load_folder(rest, split, name=source, seed=seed, check_images=check_images,
-                           decode=decode, class_names=class_names)
+                           skip_bad_images=skip_bad_images, decode=decode, class_names=class_names)
     if kind == "tfds" and sep:
         ds, info = load_tfds(rest, split, name=source, data_dir=data_dir, decode=decode)
     elif source == "digits":

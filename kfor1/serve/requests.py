@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from kfor1.errors import UserError
-from kfor1.images import center_crop_resize, load_image
+from kfor1.errors import UserError, one_line
+from kfor1.images import read_images
 from kfor1.patchfile import load_base_for, load_patch
 from kfor1.serve.server import PatchServer
 
@@ -91,9 +91,11 @@ def open_server(
 
 
 def predict_requests(server: PatchServer, requests: Sequence[tuple[str, str]], k: int = 5,
-                     batch_size: int = 32) -> list[dict[str, Any]]:
+                     batch_size: int = 32, skip_unreadable: bool = False) -> list[dict[str, Any]]:
     """Per request, its task, path and top ``k`` classes (``{"index", "name",
-    "probability"}``), most probable first."""
+    "probability"}``), most probable first. An image that cannot be decoded raises
+    ``ImageReadError``, or with ``skip_unreadable`` its entry has ``"error"`` (the message)
+    instead of ``"top"`` and the other requests are still served."""
     tasks = server.tasks
     for task, path in requests:
         if task not in tasks:
@@ -104,11 +106,19 @@ def predict_requests(server: PatchServer, requests: Sequence[tuple[str, str]], k
     out = []
     for start in range(0, len(requests), batch_size):
         part = requests[start: start + batch_size]
-        images = [center_crop_resize(load_image(p), tasks[t].resolution, tasks[t].crop_fraction)
-                  for t, p in part]
-        predictions = server.predict(images, [t for t, _ in part])
-        for (task, path), top in zip(part, predictions.top_k(k)):
+        images, errors = read_images([p for _, p in part], [tasks[t].resolution for t, _ in part],
+                                     [tasks[t].crop_fraction for t, _ in part])
+        if errors and not skip_unreadable:
+            raise errors[0]
+        good = [(r, image) for r, image in zip(part, images) if image is not None]
+        tops = iter(server.predict([image for _, image in good],
+                                   [t for (t, _), _ in good]).top_k(k) if good else [])
+        failed = iter(errors)
+        for (task, path), image in zip(part, images):
+            if image is None:
+                out.append({"task": task, "path": path, "error": one_line(next(failed))})
+                continue
             out.append({"task": task, "path": path, "top": [
                 {"index": i, "name": name, "probability": float(np.float32(p))}
-                for i, name, p in top]})
+                for i, name, p in next(tops)]})
     return out
