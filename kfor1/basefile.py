@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfor1.errors import UserError
+from kfor1.files import atomic_write
 from kfor1.multitask import MultiTaskState, task_variables
 from kfor1.tree import flatten, unflatten
 
@@ -54,27 +54,6 @@ def fingerprint(variables: dict[str, Any], exclude: Iterable[str] = frozenset())
         digest.update(f"{path}|{value.dtype.str}|{value.shape}|".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Writes ``path`` through a temporary file in its directory and ``os.replace``: readers see
-    the old file or the new one, never a part (kfor1's one way to write a run's files)."""
-    path = os.fspath(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-    try:
-        # mkstemp creates the file 0600; give it the mode open() would (0666 less the umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def patch_leaves(state: MultiTaskState) -> set[str]:

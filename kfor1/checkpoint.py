@@ -1,18 +1,40 @@
-"""Training checkpoints through orbax's ``CheckpointManager``.
+"""Training checkpoints through orbax's ``CheckpointManager``, verified when restored.
 
 Checkpoints are written atomically (a temporary directory renamed when complete), so a crash
 while saving never corrupts the latest good checkpoint; only ``keep`` are kept.
+
+Why a content hash as well: orbax's files are compressed chunks without checksums, so flipped
+bytes restore silently into other weights (a run then trains to other metrics, exit 0), and a
+truncated file fails deep inside TensorStore. Each save records the SHA-256 of the state in the
+step's metadata; a restore re-hashes what it read and checks the frozen backbone against the
+base it was trained on. A corrupt latest checkpoint falls back to the previous one with a
+warning (and is moved aside, so the step can be saved again); a corrupt checkpoint asked for by
+step is an error naming it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import sys
+import time
+from collections.abc import Iterable
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from kfor1.errors import UserError
 from kfor1.multitask import MultiTaskState
+from kfor1.tree import flatten
+
+DIGEST_KEY = "kfor1_sha256"
+
+
+class CheckpointCorruptError(UserError, RuntimeError):
+    """A checkpoint whose files do not hold what was saved (flipped bytes, a truncated file)."""
 
 
 def _as_tree(state: MultiTaskState) -> dict[str, Any]:
@@ -22,6 +44,41 @@ def _as_tree(state: MultiTaskState) -> dict[str, Any]:
         "batch_stats": state.batch_stats,
         "opt_state": state.opt_state,
     }
+
+
+def _host(leaf: Any) -> np.ndarray | None:
+    """A leaf's value on this host, or None for an array sharded across processes (each
+    process then holds only a part; the digest leaves it out rather than gather it)."""
+    if isinstance(leaf, jax.Array):
+        if leaf.is_fully_addressable:
+            return np.asarray(leaf)
+        if leaf.is_fully_replicated:
+            return np.asarray(leaf.addressable_data(0))
+        return None
+    return np.asarray(leaf)
+
+
+def digest(tree: Any) -> str:
+    """SHA-256 over every leaf's path, dtype, shape and bytes (``tree`` as saved)."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        value = _host(leaf)
+        h.update(jax.tree_util.keystr(path).encode())
+        if value is None:
+            h.update(b"<sharded>")
+            continue
+        h.update(f"{value.dtype.str}{value.shape}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    return h.hexdigest()
+
+
+def _mismatch(error: BaseException) -> bool:
+    """orbax's errors for a tree of another structure or shape (the config changed), as
+    opposed to unreadable files."""
+    text = str(error)
+    return isinstance(error, ValueError) and (
+        "structures do not match" in text or "not compatible with the stored shape" in text
+        or "dtype" in text.split("\n")[0].lower())
 
 
 class Checkpointer:
@@ -41,29 +98,89 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         if step in self._manager.all_steps():
             return
-        self._manager.save(step, args=ocp.args.StandardSave(_as_tree(state)), force=force)
+        tree = _as_tree(state)
+        self._manager.save(step, args=ocp.args.StandardSave(tree), force=force,
+                           custom_metadata={DIGEST_KEY: digest(tree)})
 
-    def restore(self, template: MultiTaskState, step: int | None = None) -> MultiTaskState:
-        """Restores into the structure, dtypes and shardings of ``template``."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    def restore(
+        self, template: MultiTaskState, step: int | None = None, *,
+        frozen: Iterable[str] = (), quarantine: bool = False,
+    ) -> MultiTaskState:
+        """Restores into the structure, dtypes and shardings of ``template``, verified.
+
+        Args:
+          template: a state of this run (``Setup.init_state()``).
+          step: the checkpoint to restore; None: the latest that is intact, falling back past
+            corrupt ones with a warning.
+          frozen: ``params`` paths the run never trains (its frozen backbone): restored, they
+            must equal ``template``'s (the pretrained base).
+          quarantine: move a corrupt checkpoint that was fallen back from to
+            ``<directory>.corrupt/`` (a resuming run: it will save that step again).
+
+        Raises:
+          CheckpointCorruptError: the checkpoint asked for, or every one, is corrupt.
+        """
         steps = sorted(self._manager.all_steps())
-        if step not in steps:
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if step is not None and step not in steps:
             raise FileNotFoundError(
                 f"no checkpoint at step {step} in {self.directory}; it keeps steps "
                 f"{', '.join(map(str, steps))} (older ones are pruned: config.keep_checkpoints)"
             )
+        candidates = [step] if step is not None else steps[::-1]
+        for i, candidate in enumerate(candidates):
+            try:
+                return self._restore(template, candidate, set(frozen))
+            except CheckpointCorruptError as e:
+                if step is not None:
+                    raise
+                if i + 1 == len(candidates):
+                    raise CheckpointCorruptError(
+                        f"every checkpoint in {self.directory} is corrupt (latest: {e}); "
+                        "train in a new --workdir") from None
+                print(f"warning: {e}; using the checkpoint at step {candidates[i + 1]} "
+                      "instead", file=sys.stderr)
+                if quarantine:
+                    self._quarantine(candidate)
+        raise AssertionError("unreachable")
+
+    def _restore(self, template: MultiTaskState, step: int, frozen: set[str]) -> MultiTaskState:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _as_tree(template))
+        where = f"the checkpoint at step {step} in {self.directory}"
         try:
             tree = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        except ValueError as e:
-            raise ValueError(
-                f"the checkpoint at step {step} in {self.directory} does not fit this run's "
-                "model, patch, tasks or optimizer (the config changed?); train in a new "
-                f"--workdir or restore the original config ({str(e).splitlines()[0]})"
+        except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise bare Exceptions.
+            if _mismatch(e):
+                raise ValueError(
+                    f"{where} does not fit this run's model, patch, tasks or optimizer (the "
+                    "config changed?); train in a new --workdir or restore the original config "
+                    f"({str(e).splitlines()[0]})"
+                ) from None
+            raise CheckpointCorruptError(
+                f"{where} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
             ) from None
+        saved = (self._manager.metadata(step).custom_metadata or {}).get(DIGEST_KEY)
+        if saved is not None and digest(tree) != saved:
+            raise CheckpointCorruptError(f"{where} is corrupt (its content hash does not match "
+                                         "the one saved with it)")
+        if frozen:
+            restored, base = flatten(tree["params"]), flatten(template.params)
+            changed = sorted(p for p in frozen if not _equal(restored[p], base[p]))
+            if changed:
+                raise CheckpointCorruptError(
+                    f"{where} holds a frozen backbone that differs from this run's base in "
+                    f"{len(changed)} tensors (e.g. {changed[0]}): the checkpoint is corrupt, or "
+                    "config.weights now names other weights than the run was trained on")
         return template.replace(**tree)
+
+    def _quarantine(self, step: int) -> None:
+        if jax.process_index() == 0:
+            aside = os.path.join(f"{self.directory}.corrupt", f"{step}-{int(time.time())}")
+            os.makedirs(os.path.dirname(aside), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), aside)
+            print(f"warning: moved the corrupt checkpoint to {aside}", file=sys.stderr)
+        self._manager.reload()
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -71,3 +188,8 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _equal(a: Any, b: Any) -> bool:
+    x, y = _host(a), _host(b)
+    return x is None or y is None or np.array_equal(x, y)

@@ -4,6 +4,7 @@ it ends with. Plain data in, plain data out: nothing here knows the trainer.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -12,6 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from kfor1.files import atomic_write
 from kfor1.report import PatchReport
 
 
@@ -19,20 +21,23 @@ class MetricsLog:
     """Appends ``{"step": ..., **scalars}`` lines to a JSONL file and writes the same scalars
     with clu's writers (TensorBoard events in ``events_dir``).
 
-    A resumed run drops the lines after its resume step, so the file reads as if the run had
-    never stopped. Only process 0 writes the file.
+    A resumed run drops the lines and TensorBoard events after its resume step (a run killed
+    after its last checkpoint logged steps it will log again), so both read as if the run had
+    never stopped. Only process 0 writes them.
     """
 
     def __init__(self, path: str, events_dir: str, resume_step: int):
         from clu import metric_writers
 
         self.path = path
-        if os.path.exists(path):
+        if os.path.exists(path) and jax.process_index() == 0:
             with open(path, encoding="utf-8") as f:
                 kept = [line for line in f if line.strip()
                         and json.loads(line)["step"] <= resume_step]
-            with open(path, "w", encoding="utf-8") as f:
-                f.writelines(kept)
+            atomic_write(path, "".join(kept))
+        if jax.process_index() == 0:
+            for events in glob.glob(os.path.join(events_dir, "events.out.tfevents.*")):
+                _truncate_events(events, resume_step)
         self.writer = metric_writers.create_default_writer(
             events_dir, just_logging=jax.process_index() > 0
         )
@@ -46,6 +51,22 @@ class MetricsLog:
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
+
+
+def _truncate_events(path: str, last_step: int) -> None:
+    """Rewrites a TensorBoard event file without its events after ``last_step`` (an event file
+    is TFRecords of ``Event`` protos; the file-version record at step 0 is kept)."""
+    import tensorflow as tf
+
+    records = list(tf.data.TFRecordDataset(path).as_numpy_iterator())
+    kept = [r for r in records if tf.compat.v1.Event.FromString(r).step <= last_step]
+    if len(kept) == len(records):
+        return
+    tmp = f"{path}.tmp"
+    with tf.io.TFRecordWriter(tmp) as writer:
+        for record in kept:
+            writer.write(record)
+    os.replace(tmp, path)
 
 
 def train_scalars(

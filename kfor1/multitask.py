@@ -63,6 +63,9 @@ class Layout:
     def patch_paths(self) -> set[str]:
         return {p for p, label in self.param_labels if is_patch(label)}
 
+    def shared_paths(self) -> set[str]:
+        return {p for p, label in self.param_labels if not is_patch(label)}
+
     def patch_stat_paths(self) -> set[str]:
         return {p for p, label in self.stat_labels if is_patch(label)}
 

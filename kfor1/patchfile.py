@@ -17,7 +17,8 @@ from typing import Any
 import flax.serialization
 import numpy as np
 
-from kfor1.basefile import atomic_write, fingerprint, load_base_dir, patch_leaves
+from kfor1.basefile import fingerprint, load_base_dir, patch_leaves
+from kfor1.files import atomic_write
 from kfor1.multitask import MultiTaskState, task_variables
 from kfor1.patchcheck import INTEGRITY_KEY, PatchFileError, content_hash, validate, verify_hash
 from kfor1.spec import PatchSpec

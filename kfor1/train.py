@@ -33,7 +33,7 @@ from kfor1.multitask import task_variables
 from kfor1.patchfile import describe
 from kfor1.report import report
 from kfor1.step import make_eval_step, make_train_step, resolution_groups
-from kfor1.workdir import Workdir, export_patches, save_run
+from kfor1.workdir import Workdir, export_patches, locked, save_run
 
 __all__ = ["TrainingError", "train"]
 
@@ -53,7 +53,12 @@ def train(
         raise ValueError(f"--workdir {wd.root} is a file; give a directory (new, or a run's "
                          "to resume it)")
     s = setup(config)
+    with locked(wd):
+        return _train(s, wd, stop_at_step)
 
+
+def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
+    config = s.config
     state = s.init_state()
     # Sized for the tasks: their heads, not the 1000-class ImageNet head.
     task_report = report(task_variables(state, 0), state.layout.labels)
@@ -61,7 +66,8 @@ def train(
     ckpt = Checkpointer(wd.checkpoints, keep=config.keep_checkpoints)
     start = 0
     if ckpt.latest_step() is not None:
-        state = ckpt.restore(state)
+        state = ckpt.restore(state, quarantine=True, frozen=(
+            () if config.train_shared else state.layout.shared_paths()))
         start = int(jax.device_get(state.step))
         print(f"resumed from {ckpt.directory} at step {start}")
     # Only now: a resume that the checkpoint refuses must leave the run's config.json as it was.

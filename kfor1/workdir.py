@@ -12,6 +12,7 @@ Layout::
     base/                  train_shared runs only: the trained base the patches apply to
                            (see kfor1.basefile)
     summary.json           per task: eval accuracy, patch parameters, patch bytes; totals
+    lock                   held by the run training in it (its PID and host): one run at a time
 
 ``evaluate_workdir`` and ``export_workdir`` need only the workdir; they set the run up without
 its train splits (classes from ``tasks.json``), so a run can be evaluated where only its test
@@ -20,16 +21,25 @@ data is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
 
+import jax
 import ml_collections
 
-from kfor1.basefile import atomic_write, export_base, patch_leaves, trained_base
+from kfor1.basefile import export_base, patch_leaves, trained_base
 from kfor1.checkpoint import Checkpointer
+from kfor1.errors import UserError
 from kfor1.evaluate import Results, evaluate
 from kfor1.experiment import Setup, setup
+from kfor1.files import atomic_write
 from kfor1.multitask import MultiTaskState
 from kfor1.patchfile import export_patch, task_meta
 
@@ -40,6 +50,7 @@ SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
 PATCHES_DIR = "patches"
 BASE_DIR = "base"
+LOCK_FILE = "lock"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +90,68 @@ class Workdir:
     def patches(self) -> str:
         return os.path.join(self.root, PATCHES_DIR)
 
+    @property
+    def lock(self) -> str:
+        return os.path.join(self.root, LOCK_FILE)
+
     def patch(self, task: str) -> str:
         return os.path.join(self.patches, task)
+
+
+class WorkdirBusyError(UserError, RuntimeError):
+    """Another live process is training in this workdir."""
+
+
+@contextlib.contextmanager
+def locked(workdir: str | Workdir) -> Iterator[None]:
+    """Holds ``workdir``'s lock while a run trains in it: a second run into the same workdir
+    is refused (naming the holder's PID and host) instead of corrupting the first's
+    checkpoints and metrics.
+
+    The lock is an ``flock`` on ``<workdir>/lock``, which the kernel releases when its process
+    dies, so a run killed with ``kill -9`` leaves a stale lock that the next run takes over
+    (it says so). Only process 0 of a multi-process run takes it.
+    """
+    workdir = as_workdir(workdir)
+    if jax.process_index() > 0:
+        yield
+        return
+    os.makedirs(workdir.root, exist_ok=True)
+    fd = os.open(workdir.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise WorkdirBusyError(
+            f"{workdir.root} is in use by another run ({holder or 'holder unknown'}); wait "
+            "for it to finish, stop it, or train in another --workdir"
+        ) from None
+    try:
+        stale = _holder(fd)
+        if stale:
+            print(f"note: {workdir.root} was locked by a run that is gone ({stale}); taking "
+                  "it over", file=sys.stderr)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                  "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode(), 0)
+        yield
+    finally:
+        os.ftruncate(fd, 0)  # An empty lock file: released cleanly, nothing to take over.
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    """``pid N on host H since T`` from a lock file's content ('' when empty)."""
+    text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+    if not text:
+        return ""
+    try:
+        info = json.loads(text)
+        return f"pid {info['pid']} on host {info['host']} since {info['since']}"
+    except (ValueError, KeyError, TypeError):
+        return text[:100]
 
 
 def as_workdir(workdir: str | os.PathLike | Workdir) -> Workdir:
@@ -133,7 +204,9 @@ def restore(workdir: str | Workdir, step: int | None = None) -> tuple[Setup, Mul
     try:
         if checkpointer.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {workdir.checkpoints}; train first")
-        state = checkpointer.restore(s.init_state(), step)
+        template = s.init_state()
+        state = checkpointer.restore(template, step, frozen=(
+            () if config.train_shared else template.layout.shared_paths()))
     finally:
         checkpointer.close()
     return s, state

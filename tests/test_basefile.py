@@ -21,7 +21,6 @@ from tiny_runs import run_config
 from kfor1 import cli
 from kfor1.basefile import (
     BaseFileError,
-    atomic_write,
     export_base,
     fingerprint,
     load_base_dir,
@@ -139,30 +138,3 @@ def test_the_architecture_is_rebuilt_from_the_record(tmp_path):
     assert base.model.padding == "SYMMETRIC" and base.model.bn_epsilon == 1e-5
     assert printed == fingerprint(base.variables, exclude={"params/head/logits/bias"})
     jax.tree.map(np.testing.assert_array_equal, base.variables, variables)
-
-
-def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
-    path = tmp_path / "f.json"
-    atomic_write(path, "old")
-
-    class Boom:
-        def __len__(self):
-            raise RuntimeError("disk full")
-
-    with pytest.raises(TypeError):
-        atomic_write(path, Boom())
-    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
-
-
-def test_atomic_write_gives_files_the_umasks_mode(tmp_path):
-    import os
-
-    old = os.umask(0o022)
-    try:
-        atomic_write(tmp_path / "a.json", "{}")
-        os.umask(0o077)
-        atomic_write(tmp_path / "b.json", "{}")
-    finally:
-        os.umask(old)
-    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
-    assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600

@@ -1,0 +1,121 @@
+"""Checkpoints are verified when restored: flipped bytes or a truncated file never restore
+silently; the latest falls back to the previous (with a warning) and the run still ends exactly
+where an uninterrupted one does; a step asked for by number is refused by name; a frozen
+backbone that differs from the base is refused. And a resume leaves no duplicate steps in
+TensorBoard's event files. Read as a specification of ``kfor1.checkpoint``."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+from tiny_runs import metrics, run_config
+
+from kfor1 import cli
+from kfor1.checkpoint import CheckpointCorruptError, Checkpointer
+from kfor1.train import train
+from kfor1.tree import flatten, unflatten
+from kfor1.workdir import restore
+
+
+def _largest_chunk(step_dir: Path) -> Path:
+    return max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _flip(path: Path, offset: int = 1000, count: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def stopped_run(colours, tmp_path_factory):
+    """``run_config`` stopped at step 4 (checkpoints at 2 and 4)."""
+    workdir = tmp_path_factory.mktemp("stopped")
+    train(run_config(colours), str(workdir), stop_at_step=4)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def resumed_past_a_flipped_checkpoint(stopped_run, colours, tmp_path_factory):
+    """The stopped run with 64 flipped bytes in its latest checkpoint, resumed to the end;
+    ``(workdir, stderr)``."""
+    import contextlib
+    import io
+
+    workdir = tmp_path_factory.mktemp("flipped") / "run"
+    shutil.copytree(stopped_run, workdir)
+    _flip(_largest_chunk(workdir / "checkpoints" / "4"))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        train(run_config(colours), str(workdir))
+    return workdir, err.getvalue()
+
+
+def test_flipped_bytes_in_the_latest_checkpoint_fall_back_to_the_previous_with_a_warning(
+        resumed_past_a_flipped_checkpoint, trained_run):
+    workdir, err = resumed_past_a_flipped_checkpoint
+    assert "the checkpoint at step 4" in err and "is corrupt" in err
+    assert "using the checkpoint at step 2 instead" in err
+    corrupt = list((workdir / "checkpoints.corrupt").iterdir())
+    assert [p.name.split("-")[0] for p in corrupt] == ["4"]  # Moved aside, not deleted.
+    # Resumed from step 2, the run ends exactly where the uninterrupted one did.
+    assert metrics(workdir) == metrics(trained_run[0])
+
+
+def test_a_resume_leaves_no_duplicate_steps_in_tensorboard_events(
+        resumed_past_a_flipped_checkpoint):
+    workdir, _ = resumed_past_a_flipped_checkpoint
+    steps = Counter()
+    for events in workdir.glob("events.out.tfevents.*"):
+        for record in tf.data.TFRecordDataset(str(events)).as_numpy_iterator():
+            event = tf.compat.v1.Event.FromString(record)
+            for value in event.summary.value:
+                steps[(value.tag, event.step)] += 1
+    assert steps, "no scalars were written"
+    assert max(steps.values()) == 1, [k for k, n in steps.items() if n > 1][:5]
+    assert {s for (tag, s) in steps if tag.startswith("train/loss")} == {2, 4, 6}
+
+
+def test_eval_of_a_truncated_checkpoint_names_the_corrupt_step(stopped_run, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(stopped_run, workdir)
+    chunk = _largest_chunk(workdir / "checkpoints" / "4")
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    code = cli.main(["eval", "--workdir", str(workdir), "--step", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and err.count("\n") == 1
+    assert "the checkpoint at step 4" in err and "cannot be read" in err
+
+
+def test_every_checkpoint_corrupt_is_one_error(stopped_run, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(stopped_run, workdir)
+    for step in ("2", "4"):
+        _flip(_largest_chunk(workdir / "checkpoints" / step))
+    with pytest.raises(CheckpointCorruptError, match="every checkpoint .* is corrupt"):
+        restore(workdir)
+
+
+def test_a_frozen_backbone_that_differs_from_the_base_is_refused(stopped_run):
+    s, state = restore(stopped_run)
+    template = s.init_state()
+    flat = flatten(template.params)
+    frozen = sorted(template.layout.shared_paths())
+    flat[frozen[0]] = flat[frozen[0]] + 1.0  # As if config.weights named other weights.
+    other_base = template.replace(params=unflatten(flat))
+    ckpt = Checkpointer(stopped_run / "checkpoints")
+    try:
+        with pytest.raises(CheckpointCorruptError, match="frozen backbone that differs"):
+            ckpt.restore(other_base, 4, frozen=frozen)
+        # The same checkpoint on its own base restores, and equals the run's state.
+        ok = ckpt.restore(template, 4, frozen=frozen)
+        jax.tree.map(np.testing.assert_array_equal, ok.params, state.params)
+    finally:
+        ckpt.close()
