@@ -14,12 +14,13 @@ step is an error naming it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -27,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from kfor1.errors import UserError
+from kfor1.files import DiskFullError, check_free_space, is_disk_full
 from kfor1.multitask import MultiTaskState
 from kfor1.tree import flatten
 
@@ -99,8 +101,17 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return
         tree = _as_tree(state)
-        self._manager.save(step, args=ocp.args.StandardSave(tree), force=force,
-                           custom_metadata={DIGEST_KEY: digest(tree)})
+        resume = self.latest_step()
+        fix = ("free space, lower config.keep_checkpoints, or train in a --workdir on another "
+               "disk; " + (f"the run resumes from step {resume}" if resume is not None
+                           else "no checkpoint was written"))
+        what = f"the checkpoint of step {step}"
+        with _disk_full_as_one_line(self.directory, what, fix):
+            # The previous save's bytes must be on disk before the free space means anything.
+            self._manager.wait_until_finished()
+            check_free_space(self.directory, _nbytes(tree), what, fix)
+            self._manager.save(step, args=ocp.args.StandardSave(tree), force=force,
+                               custom_metadata={DIGEST_KEY: digest(tree)})
 
     def restore(
         self, template: MultiTaskState, step: int | None = None, *,
@@ -183,11 +194,33 @@ class Checkpointer:
         self._manager.reload()
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with _disk_full_as_one_line(self.directory, "a checkpoint",
+                                    "free space or train in a --workdir on another disk"):
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree.leaves(tree))
+
+
+@contextlib.contextmanager
+def _disk_full_as_one_line(directory: str, what: str, fix: str) -> Iterator[None]:
+    """A full disk while orbax writes (its threads raise TensorStore's RESOURCE_EXHAUSTED as a
+    ValueError) as one ``DiskFullError``."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is a full disk.
+        if not is_disk_full(e):
+            raise
+        free = shutil.disk_usage(directory if os.path.exists(directory) else ".").free
+        raise DiskFullError(f"disk full while writing {what} in {directory} "
+                            f"({free / 2**20:.1f} MB free); {fix}") from None
 
 
 def _equal(a: Any, b: Any) -> bool:

@@ -378,6 +378,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # A full disk is the user's to fix; other OS errors keep tracebacks.
+        from kfor1.files import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        print(f"error: disk full: {one_line(exc)}; free space or use another directory",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

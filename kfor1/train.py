@@ -27,6 +27,7 @@ from kfor1.checkpoint import Checkpointer
 from kfor1.errors import TrainingError
 from kfor1.evaluate import evaluate, group_batches
 from kfor1.experiment import Setup, setup
+from kfor1.files import DiskFullError
 from kfor1.health import Guard, Interrupted, stop_signals
 from kfor1.metrics import MetricsLog, eval_scalars, summary, train_scalars
 from kfor1.multitask import task_variables
@@ -117,7 +118,7 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
     except KeyboardInterrupt:  # A second Ctrl-C: the step in flight may hold donated arrays.
         ckpt.close()
         raise
-    except TrainingError:
+    except (TrainingError, DiskFullError):
         ckpt.close()  # Pending saves of healthy states complete before the error is shown.
         metrics_log.close()
         raise
