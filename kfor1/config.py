@@ -85,7 +85,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress = True
 
     c.mesh = ml_collections.ConfigDict({"tasks": 1, "data": 0})  # data 0: remaining devices.
-    c.distributed = False  # True: jax.distributed.initialize() (multi-host).
+    c.distributed = False  # True: join a multi-process run (see kfor1.distributed).
+    # Where a scheduler does not say (several processes on one machine, bare hosts): process
+    # 0's HOST:PORT, the number of processes and this one's index.
+    c.cluster = ml_collections.ConfigDict(
+        {"coordinator_address": "", "num_processes": 0, "process_id": -1})
     return c
 
 

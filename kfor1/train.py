@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from kfor1 import data as kdata
+from kfor1 import distributed
 from kfor1.checkpoint import Checkpointer
 from kfor1.errors import TrainingError
 from kfor1.evaluate import evaluate, group_batches
@@ -47,8 +48,7 @@ def train(
     ``stop_at_step`` ends the run early after checkpointing, as a preemption would; the result
     is then ``{"stopped_at_step": step}``.
     """
-    if config.distributed:
-        jax.distributed.initialize()
+    distributed.initialize(config)
     wd = Workdir(workdir)
     if os.path.exists(wd.root) and not os.path.isdir(wd.root):
         raise ValueError(f"--workdir {wd.root} is a file; give a directory (new, or a run's "
@@ -72,7 +72,8 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
         start = int(jax.device_get(state.step))
         print(f"resumed from {ckpt.directory} at step {start}")
     # Only now: a resume that the checkpoint refuses must leave the run's config.json as it was.
-    save_run(s, wd)
+    if jax.process_index() == 0:
+        save_run(s, wd)
 
     model = s.model.clone(num_classes=state.layout.max_classes)
     step_fn = make_train_step(model, s.optimizer, train_shared=config.train_shared,
@@ -132,6 +133,8 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
     results = evaluate(s, state, eval_step)
     metrics_log.write(end, eval_scalars(results))
     metrics_log.close()
+    if jax.process_index() > 0:  # Process 0 writes the run's files.
+        return {"process_index": jax.process_index(), "results": results}
     patches = export_patches(s, state, wd)
     out = summary(
         model=config.model, spec=s.spec.describe(), task_report=task_report, results=results,

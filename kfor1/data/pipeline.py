@@ -77,23 +77,33 @@ def train_batches(
     normalised as (x - mean) / std in 0..255 units. The stream depends only on ``seed`` and the
     data; ``start_step`` resumes it at that batch. Examples that fail to decode are skipped with
     a warning (which shifts later batches, so resumes are exact only for clean data).
+
+    With ``process_count`` > 1, ``batch_size`` is this process's part: process ``p`` yields
+    rows ``[p * batch_size, (p + 1) * batch_size)`` of the batches a single process would
+    yield with ``batch_size * process_count``.
     """
     _check_args(resolution, batch_size, mean, std, process_index, process_count)
     if start_step < 0 or shuffle_buffer <= 0:
         raise ValueError(
             f"need start_step >= 0 and shuffle_buffer > 0: {start_step}, {shuffle_buffer}"
         )
-    ds = ds.shard(process_count, process_index)
     if int(ds.cardinality()) == 0:
-        raise DataError(f"no training examples for process {process_index} of {process_count}")
+        raise DataError("no training examples")
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     # Number examples before the skip, so each keeps its augmentation seed across resumes.
-    ds = ds.enumerate().skip(start_step * batch_size)
+    ds = ds.enumerate().skip(start_step * batch_size * process_count)
+    if process_count > 1:
+        # Every process walks the same (undecoded, cheap) stream and decodes only its rows of
+        # each global batch: the global batches, and so the run, do not depend on how many
+        # processes feed them.
+        rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
+        ds = ds.batch(batch_size * process_count, drop_remainder=True).map(
+            lambda index, example: (index[rows], {k: v[rows] for k, v in example.items()})
+        ).unbatch()
     ds = _decoded(ds)
 
     def prepare(index, example):
-        stream = index * process_count + process_index  # Unique across processes.
-        image_seed = tf.stack([tf.constant(seed, tf.int64), stream])
+        image_seed = tf.stack([tf.constant(seed, tf.int64), index])
         view = augment_image(example["image"], image_seed, resolution, augment)
         return {
             "images": normalize(view, mean, std),
