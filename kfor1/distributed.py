@@ -47,6 +47,12 @@ def initialize(config: ml_collections.ConfigDict) -> None:
         jax.distributed.initialize(**kwargs)
     except (ValueError, RuntimeError) as e:
         jax.config.update("jax_cpu_collectives_implementation", before)
+        if "must be called before" in str(e):
+            raise ConfigError(
+                "config.distributed=True needs a process in which JAX has not run yet (it "
+                "joins the other processes before any device is used): start training in a "
+                "new process (kfor1 train), or call kfor1.distributed.initialize(config) "
+                "before anything else touches JAX") from None
         if not any(text in str(e) for text in _MISSING):
             raise
         raise ConfigError(
