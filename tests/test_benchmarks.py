@@ -101,3 +101,36 @@ def test_serve_benchmark_tiny(tmp_path, capsys):
         assert r["compiled_variants"] == 1  # add/remove in the timing never recompiled.
         assert r["table_bytes"] < r["k_full_models_bytes"]
     assert "mixed / single" in capsys.readouterr().out
+
+
+def test_fault_matrix_counts_and_its_checks(tmp_path):
+    """The fault matrix's bookkeeping (its runs take ~15 minutes, so they are not run here;
+    the table they print is in benchmarks/README.md): what counts as a clean error, and the
+    totals it prints."""
+    script = load_script("fault_matrix")
+    assert script.one_line_error(2, "error: SIGTERM received: stopped after step 5\n")
+    assert script.one_line_error(2, "note: took it over\nerror: something\n")
+    assert not script.one_line_error(1, "error: x\n")
+    assert not script.one_line_error(2, "Traceback (most recent call last):\nerror: x\n")
+    assert not script.one_line_error(2, "error: x\nerror: y\n")
+    outcomes = [
+        {"clean_error": True, "exact_resume": True, "silent": False, "lost": False},
+        {"clean_error": False, "exact_resume": True, "silent": False, "lost": False},
+        {"clean_error": True, "exact_resume": False, "silent": True, "lost": True},
+    ]
+    assert script.counts(outcomes) == {"cases": 3, "clean errors": 2, "exact resumes": 2,
+                                       "silent results": 1, "files lost": 1}
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1").mkdir()
+    (tmp_path / "checkpoints.corrupt" / "9-1700000000").mkdir(parents=True)
+    assert script.checkpoints(tmp_path) == {"3"} and script.moved_aside(tmp_path) == {"9"}
+    data = tmp_path / "f.bin"
+    data.write_bytes(bytes(300))
+    script.flip(data)
+    assert sum(b == 0xFF for b in data.read_bytes()) == 64
+    try:
+        script.main(["--cases", "nope"])
+    except SystemExit as e:
+        assert e.code == 2
+    else:
+        raise AssertionError("an unknown case must be refused")
