@@ -182,7 +182,8 @@ def run_case(name: str, root: Path, steps: int, reference, rng: random.Random) -
         code, err, sent = run_until(cmd, lambda: logged_steps(workdir) >= at, sig)
         out["clean_error"] = one_line_error(code, err) and "received" in err
         before = checkpoints(workdir)
-        out["detail"] = err.strip().splitlines()[-1][:110] if err.strip() else f"rc {code}"
+        out["detail"] = (err.strip().splitlines()[-1][:110] if out["clean_error"]
+                         else f"rc {code}, stderr: {err[-400:]!r}")
     elif name == "nan_at_step":
         at = steps // 2 + 1
         done = run([sys.executable, "-c", NAN_RUNNER, *cmd[3:]], {"KFOR1_NAN_AT_STEP": str(at)})
@@ -212,6 +213,8 @@ def run_case(name: str, root: Path, steps: int, reference, rng: random.Random) -
     out["silent"] = out["silent"] or (resumed.returncode == 0 and got != reference)
     if name.startswith("checkpoint_"):
         out["clean_error"] = "warning:" in resumed.stderr and "Traceback" not in resumed.stderr
+        if not out["clean_error"]:
+            out["detail"] += f"; rerun stderr: {resumed.stderr[-300:]!r}"
     if resumed.returncode:
         out["detail"] += f"; rerun rc {resumed.returncode}: {resumed.stderr[-200:]}"
     return out

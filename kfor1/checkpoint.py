@@ -3,19 +3,21 @@
 Checkpoints are written atomically (a temporary directory renamed when complete), so a crash
 while saving never corrupts the latest good checkpoint; only ``keep`` are kept.
 
-Why a content hash as well: orbax's files are compressed chunks without checksums, so flipped
-bytes restore silently into other weights (a run then trains to other metrics, exit 0), and a
+Why hashes as well: orbax's files are compressed chunks without checksums, so flipped bytes
+restore silently into other weights (a run then trains to other metrics, exit 0), and a
 truncated file fails deep inside TensorStore. Each save records the SHA-256 of the state in the
-step's metadata; a restore re-hashes what it read and checks the frozen backbone against the
-base it was trained on. A corrupt latest checkpoint falls back to the previous one with a
-warning (and is moved aside, so the step can be saved again); a corrupt checkpoint asked for by
-step is an error naming it.
+step's metadata, and once the step is on disk a manifest of its files' sizes and hashes; a
+restore checks the files first (before TensorStore reads a broken one), then re-hashes what it
+read and checks the frozen backbone against the base it was trained on. A corrupt latest
+checkpoint falls back to the previous one with a warning (and is moved aside, so the step can
+be saved again); a corrupt checkpoint asked for by step is an error naming it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -28,11 +30,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from kfor1.errors import UserError
-from kfor1.files import DiskFullError, check_free_space, is_disk_full
+from kfor1.files import DiskFullError, atomic_write, check_free_space, is_disk_full
 from kfor1.multitask import MultiTaskState
 from kfor1.tree import flatten
 
 DIGEST_KEY = "kfor1_sha256"
+FILES = "kfor1_files.json"  # In each finished step's directory: its files' sizes and hashes.
 
 
 class CheckpointCorruptError(UserError, RuntimeError):
@@ -92,6 +95,7 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         )
+        self._unsealed: set[int] = set()  # Steps this checkpointer saved, not yet sealed.
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -109,9 +113,11 @@ class Checkpointer:
         with _disk_full_as_one_line(self.directory, what, fix):
             # The previous save's bytes must be on disk before the free space means anything.
             self._manager.wait_until_finished()
+            self._seal()
             check_free_space(self.directory, _nbytes(tree), what, fix)
             self._manager.save(step, args=ocp.args.StandardSave(tree), force=force,
                                custom_metadata={DIGEST_KEY: digest(tree)})
+            self._unsealed.add(step)
 
     def restore(
         self, template: MultiTaskState, step: int | None = None, *,
@@ -159,6 +165,7 @@ class Checkpointer:
     def _restore(self, template: MultiTaskState, step: int, frozen: set[str]) -> MultiTaskState:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _as_tree(template))
         where = f"the checkpoint at step {step} in {self.directory}"
+        self._verify_files(step, where)
         try:
             tree = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise bare Exceptions.
@@ -197,12 +204,65 @@ class Checkpointer:
         with _disk_full_as_one_line(self.directory, "a checkpoint",
                                     "free space or train in a --workdir on another disk"):
             self._manager.wait_until_finished()
+            self._seal()
+
+    def _seal(self) -> None:
+        """Writes each finished step's file manifest (``FILES``: path -> size and SHA-256), so
+        a restore finds flipped or missing bytes before TensorStore reads them (a truncated
+        chunk read by TensorStore fails on one thread while others still run)."""
+        if jax.process_index() > 0:
+            return
+        for step in sorted(self._unsealed & set(self._manager.all_steps())):
+            self._unsealed.discard(step)
+            step_dir = os.path.join(self.directory, str(step))
+            manifest = os.path.join(step_dir, FILES)
+            if os.path.isdir(step_dir) and not os.path.exists(manifest):
+                atomic_write(manifest, json.dumps(_file_hashes(step_dir)))
+
+    def _verify_files(self, step: int, where: str) -> None:
+        step_dir = os.path.join(self.directory, str(step))
+        manifest = os.path.join(step_dir, FILES)
+        if not os.path.exists(manifest):
+            return  # Killed before it was sealed: the content hash still checks it.
+        try:
+            with open(manifest, encoding="utf-8") as f:
+                expected = json.load(f)
+        except ValueError:
+            raise CheckpointCorruptError(f"{where} is corrupt (its file manifest {FILES} "
+                                         "cannot be read)") from None
+        actual = _file_hashes(step_dir)
+        for path, (size, sha) in expected.items():
+            if path not in actual:
+                raise CheckpointCorruptError(f"{where} is corrupt ({path} is missing)")
+            if actual[path][0] != size:
+                raise CheckpointCorruptError(
+                    f"{where} is corrupt ({path} has {actual[path][0]} bytes, not {size}: "
+                    "truncated?)")
+            if actual[path][1] != sha:
+                raise CheckpointCorruptError(f"{where} is corrupt ({path} was changed after it "
+                                             "was written)")
 
     def close(self) -> None:
         try:
             self.wait()
         finally:
             self._manager.close()
+
+
+def _file_hashes(step_dir: str) -> dict[str, tuple[int, str]]:
+    out = {}
+    for root, _, names in os.walk(step_dir):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, step_dir)
+            if rel == FILES or name.startswith(".tmp-"):
+                continue
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[rel] = (os.path.getsize(path), h.hexdigest())
+    return out
 
 
 def _nbytes(tree: Any) -> int:

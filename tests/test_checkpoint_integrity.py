@@ -91,7 +91,19 @@ def test_eval_of_a_truncated_checkpoint_names_the_corrupt_step(stopped_run, tmp_
     code = cli.main(["eval", "--workdir", str(workdir), "--step", "4"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1
-    assert "the checkpoint at step 4" in err and "cannot be read" in err
+    assert "the checkpoint at step 4" in err and "truncated?" in err
+
+
+def test_a_truncated_latest_checkpoint_falls_back_before_tensorstore_reads_it(
+        stopped_run, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(stopped_run, workdir)
+    chunk = _largest_chunk(workdir / "checkpoints" / "4")
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    _, state = restore(workdir)
+    err = capsys.readouterr().err
+    assert int(state.step) == 2 and "truncated?" in err and "step 2 instead" in err
+    assert "Traceback" not in err  # The file manifest caught it: TensorStore never read it.
 
 
 def test_every_checkpoint_corrupt_is_one_error(stopped_run, tmp_path):
