@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kfor1.errors import USER_ERRORS, one_line
+from kfor1.errors import USER_ERRORS, one_line, quiet_library_logs
 from kfor1.table import format_table
 
 TRAIN_EXAMPLE = "kfor1 train --config configs/transfer.py:dataset=digits --workdir runs/digits"
@@ -358,21 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _errors_only(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.ERROR
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line and returns the exit status (0 ok, 2 for usage or input errors)."""
     from kfor1.cpu import keep_freed_memory
 
     keep_freed_memory()  # This process is ours: see kfor1/cpu.py.
-    # orbax reports timings through absl's WARNING level ("Waiting for previous save..."); a
-    # command's stderr is for what the user must act on. Errors still show. (A filter, not a
-    # level: parsing absl flags resets the level.)
-    absl = logging.getLogger("absl")
-    if _errors_only not in absl.filters:
-        absl.addFilter(_errors_only)
+    quiet_library_logs()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):

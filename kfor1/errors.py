@@ -12,7 +12,9 @@ path or a missing optional package.
 
 from __future__ import annotations
 
-__all__ = ["USER_ERRORS", "TrainingError", "UserError", "one_line"]
+import logging
+
+__all__ = ["USER_ERRORS", "TrainingError", "UserError", "one_line", "quiet_library_logs"]
 
 
 class UserError(Exception):
@@ -38,3 +40,16 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 def one_line(exc: BaseException) -> str:
     """The error's message on one line (or its type's name when it has none)."""
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
+def quiet_library_logs() -> None:
+    """Keeps absl log records below ERROR off an entry point's stderr: orbax reports timings
+    at WARNING ("Waiting for previous save to complete took ..."), and a command's stderr is for
+    what the user must act on. A filter, not a level: parsing absl flags resets the level."""
+    absl = logging.getLogger("absl")
+    if _errors_only not in absl.filters:
+        absl.addFilter(_errors_only)
