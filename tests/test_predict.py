@@ -100,17 +100,27 @@ def test_grayscale_and_rgba_inputs(run_cli, tmp_path):
     assert tables[rgba][0][2] in CAT_CLASSES  # Opaque alpha: the same pixels as the RGB photo.
 
 
-@pytest.mark.parametrize("kind", ["missing", "corrupt"])
-def test_bad_image_is_one_line_error(run_cli, tmp_path, kind):
+def test_a_missing_image_is_one_line_error_before_any_work(run_cli, tmp_path):
     good = save(tmp_path, "chelsea.jpg", skimage.data.chelsea())
     bad = tmp_path / "x.jpg"
-    if kind == "corrupt":
-        bad.write_bytes(np.random.default_rng(0).bytes(4096))
     code, out, err = run_cli(good, str(bad))
     assert code == 2
     assert out == ""
     assert err.count("\n") == 1 and err.startswith("error: ") and str(bad) in err
     assert "Traceback" not in err
+
+
+def test_a_corrupt_image_is_reported_and_the_others_classified(run_cli, tmp_path):
+    good = save(tmp_path, "chelsea.jpg", skimage.data.chelsea())
+    bad = tmp_path / "x.jpg"
+    bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    code, out, err = run_cli(good, str(bad))
+    assert code == 2 and "Traceback" not in err
+    assert list(parse(out)) == [good] and str(bad) not in out
+    lines = err.splitlines()
+    assert lines[0].startswith("error: ") and str(bad) in lines[0]
+    assert lines[1] == ("error: 1 of 2 images could not be read (the others were classified); "
+                        "re-encode or remove them")
 
 
 def test_unknown_model_is_one_line_error(run_cli, tmp_path):
