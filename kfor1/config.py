@@ -27,12 +27,16 @@ DEFAULT_LEARNING_RATES = {
 }
 
 
-def task(dataset: str, name: str = "", resolution: int = 0) -> ml_collections.ConfigDict:
-    """One task: a data source (``digits``, ``folder:PATH``, ``tfds:NAME``)."""
+def task(
+    dataset: str, name: str = "", resolution: int = 0, init_patch: str = ""
+) -> ml_collections.ConfigDict:
+    """One task: a data source (``digits``, ``folder:PATH``, ``tfds:NAME``); ``init_patch``, a
+    patch directory the task's patch starts from (sequential transfer, task A -> task B)."""
     return ml_collections.ConfigDict({
         "name": name or dataset.split(":")[-1].rstrip("/").split("/")[-1],
         "dataset": dataset,
         "resolution": resolution,  # 0: the model's default resolution.
+        "init_patch": init_patch,  # '': start from the pretrained base.
     })
 
 
@@ -54,6 +58,10 @@ def base_config() -> ml_collections.ConfigDict:
     # True: a folder's undecodable images are left out (named in the log and summary.json)
     # instead of stopping the run before it starts.
     c.skip_bad_images = False
+    # A fraction (e.g. "0.1") of each task's train split held out, stratified and seeded: the
+    # periodic evaluations (eval_every) read it, and the test split is read only at the end.
+    # '' = none (periodic evaluations then read the test split).
+    c.validation = ""
 
     c.batch_size = 32  # Per task and step.
     c.num_steps = 1000
@@ -129,7 +137,7 @@ def apply_overrides(
         raise ConfigError(f"unknown config argument {key!r}{_did_you_mean(key, allowed)} (this "
                           f"config takes {', '.join(sorted(allowed))})")
     for key, value in overrides.items():
-        if key in ("dataset", "datasets", "resolution", "resolutions"):
+        if key in ("dataset", "datasets", "resolution", "resolutions", "init_patch"):
             continue
         current = config[key]
         if isinstance(current, bool):

@@ -1,7 +1,7 @@
-"""Accuracy and loss of every task on its test split, all tasks in one compiled step, and the
-batch grouping the training loop shares with it.
+"""Accuracy and loss of every task on its test (or validation) split, all tasks in one compiled
+step, and the batch grouping the training loop shares with it.
 
-The test splits are read once, in fixed-size batches (the last one padded and masked); a task
+The splits are read once, in fixed-size batches (the last one padded and masked); a task
 whose split is exhausted early gets masked-out batches, so the compiled step sees one shape.
 """
 
@@ -32,24 +32,36 @@ def group_batches(
     )
 
 
-def evaluate(s: Setup, state: MultiTaskState, eval_step: Any = None) -> Results:
-    """``{task: {"accuracy", "loss", "examples"}}`` over each task's test split (at most
-    ``config.max_eval_examples`` examples each; 0 = all).
+SPLITS = ("test", "validation")
+
+
+def evaluate(
+    s: Setup, state: MultiTaskState, eval_step: Any = None, split: str = "test"
+) -> Results:
+    """``{task: {"accuracy", "loss", "examples"}}`` over each task's ``split``: 'test', or
+    'validation' (held out of train by ``config.validation``); at most
+    ``config.max_eval_examples`` examples each (0 = all).
 
     ``eval_step`` is a ``make_eval_step`` of the state's model, to reuse one already compiled.
     """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    sources = [t.test if split == "test" else t.val for t in s.tasks]
+    if any(ds is None for ds in sources):
+        raise ValueError(f"this setup has no {split} split (config.validation holds one out "
+                         "of each task's train split)")
     model = s.model.clone(num_classes=state.layout.max_classes)
     eval_step = eval_step or make_eval_step(model)
     pre = s.base.preprocessing
     limit = int(s.config.max_eval_examples)
     iterators = [
         kdata.eval_batches(
-            t.test.take(limit) if limit else t.test, resolution=t.task.resolution,
+            ds.take(limit) if limit else ds, resolution=t.task.resolution,
             mean=pre.mean, std=pre.std, batch_size=s.config.eval_batch_size,
             crop_fraction=s.eval_crop_fraction, process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        for t in s.tasks
+        for t, ds in zip(s.tasks, sources)
     ]
     groups = resolution_groups(state.layout)
     totals = {k: np.zeros(len(s.tasks)) for k in ("loss_sum", "correct", "count")}

@@ -10,6 +10,7 @@ task's train split (its classes come from the run's ``tasks.json``, see ``kfor1.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -40,6 +41,7 @@ class TaskData:
     info: kdata.DatasetInfo
     test: Any
     train: Any = None
+    val: Any = None  # Held out of train (config.validation), or None.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,11 +141,16 @@ def check_values(config: ml_collections.ConfigDict) -> tuple[TaskChunk, PatchSpe
         raise ConfigError(f"config.eval_every={config.eval_every}: use 0 (only at the end) or a "
                           "positive number of steps")
     for t in config.tasks:
+        start = t.get("init_patch", "")
+        if start and not os.path.isfile(os.path.join(start, "patch.json")):
+            raise ConfigError(f"task {t.name or t.dataset!r}: init_patch={start!r} is not a "
+                              "patch directory (one of a run's patches/<task>/)")
         if t.resolution and t.resolution < MIN_RESOLUTION:
             raise ConfigError(f"task {t.name or t.dataset!r}: resolution={t.resolution} is too "
                               f"small; use at least {MIN_RESOLUTION} (0: the model's own)")
     if not config.tasks:
         raise ValueError("config.tasks is empty; give at least one task")
+    kdata.parse_validation(config.validation)
     patch = list(config.patch_rules) if config.patch_rules else config.patch
     return task_chunk(config.task_chunk), PatchSpec.parse(patch, head=config.head or None)
 
@@ -167,7 +174,7 @@ def _load_task(
 ) -> TaskData:
     data_dir = config.data_dir or None
     pinned = None if class_names is None else tuple(class_names)
-    train_ds, skipped = None, {}
+    train_ds, val_ds, skipped = None, None, {}
     skip = bool(config.skip_bad_images)
     if train:
         # Undecoded: shuffling and resuming (skip) then work on paths/bytes, not pixels.
@@ -175,6 +182,9 @@ def _load_task(
             t.dataset, "train", data_dir=data_dir, seed=config.seed, decode=False,
             class_names=pinned, skip_bad_images=skip)
         skipped.update(train_info.skipped)
+        fraction = kdata.parse_validation(config.validation)
+        if fraction:
+            train_ds, val_ds, n_train, n_val = kdata.hold_out(train_ds, fraction, config.seed)
     test_ds, info = kdata.load_source(t.dataset, "test", data_dir=data_dir, class_names=pinned,
                                       skip_bad_images=skip)
     skipped.update(info.skipped)
@@ -183,7 +193,10 @@ def _load_task(
               f"{'s' if len(files) > 1 else ''} that cannot be decoded "
               f"(config.skip_bad_images): {', '.join(files[:5])}"
               + (f" and {len(files) - 5} more" if len(files) > 5 else ""), file=sys.stderr)
-    info = dataclasses.replace(info, skipped=skipped)
+    sizes = dict(info.num_examples)
+    if val_ds is not None:
+        sizes.update(train=n_train, validation=n_val)
+    info = dataclasses.replace(info, skipped=skipped, num_examples=sizes)
     if info.num_classes < 2:
         raise ConfigError(
             f"task {t.name!r} ({t.dataset}) has {info.num_classes} class"
@@ -192,7 +205,7 @@ def _load_task(
             "subdirectory per class)"
         )
     resolution = int(t.resolution) or default_resolution
-    return TaskData(Task(t.name, info.num_classes, resolution), info, test_ds, train_ds)
+    return TaskData(Task(t.name, info.num_classes, resolution), info, test_ds, train_ds, val_ds)
 
 
 def setup(

@@ -83,9 +83,13 @@ def train_scalars(
     return scalars
 
 
-def eval_scalars(results: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """``eval/accuracy/<task>`` of ``kfor1.evaluate.evaluate``'s results."""
-    return {f"eval/accuracy/{name}": r["accuracy"] for name, r in results.items()}
+def eval_scalars(
+    results: Mapping[str, Mapping[str, float]], split: str = "test"
+) -> dict[str, float]:
+    """``eval/accuracy/<task>`` (the test split) or ``val/accuracy/<task>`` (the validation
+    split) of ``kfor1.evaluate.evaluate``'s results: the key says which split it comes from."""
+    prefix = "eval" if split == "test" else "val"
+    return {f"{prefix}/accuracy/{name}": r["accuracy"] for name, r in results.items()}
 
 
 def summary(
@@ -93,11 +97,14 @@ def summary(
     results: Mapping[str, Mapping[str, float]], num_classes: Mapping[str, int],
     patch_files: Mapping[str, Mapping[str, Any]],
     skipped_images: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+    validation: Mapping[str, Mapping[str, float]] | None = None, validation_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """The run's ``summary.json``: per task its eval results, class count and patch file
     (``kfor1.patchfile.describe``), the images it left out per split (``skipped_images``:
     ``{"train": {"count", "files"}}``, ``config.skip_bad_images``), and totals;
-    ``task_report`` is of the first task's model (its head, not ImageNet's)."""
+    ``task_report`` is of the first task's model (its head, not ImageNet's). ``accuracy`` is
+    on the test split; with a ``validation`` split, ``val_accuracy`` and ``val_loss`` too, and
+    ``splits`` says where each comes from."""
     skipped_images = skipped_images or {}
     tasks = {
         name: {**results[name], "num_classes": num_classes[name], **patch_files[name],
@@ -105,8 +112,16 @@ def summary(
                                   for split, files in skipped_images.get(name, {}).items()}}
         for name in results
     }
+    splits = {"accuracy": "test"}
+    if validation:
+        for name, t in tasks.items():
+            t["val_accuracy"] = validation[name]["accuracy"]
+            t["val_loss"] = validation[name]["loss"]
+        splits["val_accuracy"] = (f"validation: {validation_fraction:g} of train, stratified "
+                                  "and seeded, held out of training")
     return {
         "model": model,
+        "splits": splits,
         "patch": spec,
         "tasks": tasks,
         "totals": {

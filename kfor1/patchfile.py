@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.serialization
+import jax
 import numpy as np
 
 from kfor1.basefile import fingerprint, load_base_dir, patch_leaves
@@ -227,6 +228,48 @@ def apply_patch(base_variables: dict[str, Any], patch: Patch) -> dict[str, Any]:
             raise PatchFileError(f"patch leaf {path} has shape {ours}, the base {theirs}; the "
                                  f"patch was made for another {patch.meta['base']['model']!r}")
     return unflatten({**base, **leaves})
+
+
+def start_from_patch(
+    state: MultiTaskState, task: int, patch: Patch, base_variables: dict[str, Any],
+    what: str = "the init_patch",
+) -> tuple[MultiTaskState, list[str]]:
+    """Task ``task``'s patch starts from ``patch`` (sequential transfer: the patch trained on
+    task A is task B's starting point, the paper's other mode) instead of the pretrained base.
+
+    The patch must come from this run's base (``base_variables``, the pretrained model). Its
+    leaves that this run's patch owns are copied into task ``task``'s slot; the head only when
+    the class counts match (otherwise it starts fresh). Returns the state and one note per
+    thing not carried over, for the log.
+    """
+    leaves = flatten(patch.variables)
+    check_base(patch, fingerprint(base_variables, exclude=set(leaves)), what)
+    layout = state.layout
+    owned = {f"params/{p}" for p in layout.patch_paths()} | {
+        f"batch_stats/{p}" for p in layout.patch_stat_paths()}
+    head = {f"params/{layout.head}/kernel", f"params/{layout.head}/bias"}
+    n = layout.tasks[task].num_classes
+    notes = []
+    if patch.num_classes != n and head & set(leaves):
+        notes.append(f"{what} has {patch.num_classes} classes, task "
+                     f"{layout.tasks[task].name!r} {n}: its head starts fresh")
+    outside = sorted(p for p in leaves if p not in owned)
+    if outside:
+        notes.append(f"{len(outside)} leaves of {what} are not in this run's patch (e.g. "
+                     f"{outside[0]}): they stay the base's")
+    tree = {"params": flatten(state.params), "batch_stats": flatten(state.batch_stats)}
+    for path, value in leaves.items():
+        if path not in owned or (path in head and patch.num_classes != n):
+            continue
+        collection, leaf = path.split("/", 1)
+        old = tree[collection][leaf]
+        index = (task, ..., slice(0, n)) if path in head else (task,)
+        if old[index].shape != np.shape(value):
+            raise PatchFileError(f"{what}: {path} has shape {np.shape(value)}, this run's "
+                                 f"{old[index].shape}; it was made for another model")
+        tree[collection][leaf] = jax.device_put(old.at[index].set(value), old.sharding)
+    return state.replace(params=unflatten(tree["params"]),
+                         batch_stats=unflatten(tree["batch_stats"])), notes
 
 
 def load_base_for(

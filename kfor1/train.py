@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -32,7 +33,7 @@ from kfor1.files import DiskFullError
 from kfor1.health import Guard, Interrupted, stop_signals
 from kfor1.metrics import MetricsLog, eval_scalars, summary, train_scalars
 from kfor1.multitask import task_variables
-from kfor1.patchfile import describe
+from kfor1.patchfile import describe, load_patch, start_from_patch
 from kfor1.report import report
 from kfor1.step import make_eval_step, make_train_step, resolution_groups
 from kfor1.workdir import Workdir, export_patches, locked, save_run
@@ -61,6 +62,13 @@ def train(
 def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
     config = s.config
     state = s.init_state()
+    for i, t in enumerate(config.tasks):
+        if t.get("init_patch", ""):
+            state, notes = start_from_patch(state, i, load_patch(t.init_patch), s.base.variables,
+                                            what=f"init_patch {t.init_patch}")
+            print(f"task {t.name!r} starts from the patch in {t.init_patch}")
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
     # Sized for the tasks: their heads, not the 1000-class ImageNet head.
     task_report = report(task_variables(state, 0), state.layout.labels)
     print(task_report)
@@ -89,6 +97,7 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
     progress = _progress(config, start, end)
     images, clock = 0, time.perf_counter()
     guard = Guard(s, ckpt)
+    periodic = "validation" if s.tasks[0].val is not None else "test"
     try:
         with stop_signals() as stop:
             for step in range(start + 1, end + 1):
@@ -107,7 +116,9 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
                     images, clock = 0, time.perf_counter()
                 progress.update(1)
                 if config.eval_every and step % config.eval_every == 0 and step != end:
-                    metrics_log.write(step, eval_scalars(evaluate(s, state, eval_step)))
+                    # The test split is for the final evaluation when there is a validation one.
+                    metrics_log.write(step, eval_scalars(
+                        evaluate(s, state, eval_step, split=periodic), periodic))
                 if step % config.checkpoint_every == 0 or step == end or stop["signal"]:
                     guard.check()  # Only a healthy state is ever checkpointed.
                     ckpt.save(state, force=bool(stop["signal"]))
@@ -131,7 +142,9 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
         return {"stopped_at_step": end}
 
     results = evaluate(s, state, eval_step)
-    metrics_log.write(end, eval_scalars(results))
+    validation = evaluate(s, state, eval_step, split="validation") if periodic != "test" else None
+    metrics_log.write(end, {**eval_scalars(results),
+                            **(eval_scalars(validation, "validation") if validation else {})})
     metrics_log.close()
     if jax.process_index() > 0:  # Process 0 writes the run's files.
         return {"process_index": jax.process_index(), "results": results}
@@ -141,6 +154,7 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
         num_classes={t.task.name: t.task.num_classes for t in s.tasks},
         patch_files={name: describe(path) for name, path in patches.items()},
         skipped_images={t.task.name: t.info.skipped for t in s.tasks},
+        validation=validation, validation_fraction=kdata.parse_validation(config.validation),
     )
     with open(wd.summary, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=2)

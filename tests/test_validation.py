@@ -1,0 +1,81 @@
+"""A validation split held out of train (``config.validation``): stratified and seeded, read by
+the periodic evaluations, with the test split read only by the final one; ``metrics.jsonl``
+and ``summary.json`` say which split each accuracy comes from. Read as a specification of
+``kfor1.data.validation`` and its use in ``kfor1.train``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tiny_runs import run_config
+
+from kfor1 import evaluate as evaluate_module
+from kfor1 import train as train_module
+from kfor1.data import DataError, hold_out, parse_validation
+from kfor1.experiment import check_values
+
+
+def _labelled(labels):
+    return tf.data.Dataset.from_tensor_slices(
+        {"label": np.asarray(labels, np.int64), "id": np.arange(len(labels))})
+
+
+def _ids(ds):
+    return [int(x["id"]) for x in ds.as_numpy_iterator()]
+
+
+def test_hold_out_is_stratified_disjoint_and_seeded():
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    train, val, n_train, n_val = hold_out(_labelled(labels), 0.1, seed=0)
+    train_ids, val_ids = _ids(train), _ids(val)
+    assert (n_train, n_val) == (90, 10) and len(train_ids) == 90 and len(val_ids) == 10
+    assert set(train_ids).isdisjoint(val_ids) and set(train_ids) | set(val_ids) == set(range(100))
+    assert np.bincount([labels[i] for i in val_ids]).tolist() == [5, 3, 2]  # Stratified.
+    assert int(val.cardinality()) == 10 and int(train.cardinality()) == 90
+    assert _ids(hold_out(_labelled(labels), 0.1, seed=0)[1]) == val_ids  # Seeded.
+    assert _ids(hold_out(_labelled(labels), 0.1, seed=1)[1]) != val_ids
+
+
+def test_every_class_with_two_examples_gives_one_and_keeps_one():
+    _, val, _, n_val = hold_out(_labelled([0, 0, 1, 1, 1, 2]), 0.01, seed=0)
+    assert n_val == 2 and sorted(int(x["label"]) for x in val.as_numpy_iterator()) == [0, 1]
+
+
+@pytest.mark.parametrize("value", ["1.5", "abc", "-0.1", "1"])
+def test_a_validation_that_is_no_fraction_is_refused_before_loading(value, colours):
+    assert parse_validation("") == 0.0 and parse_validation("0.25") == 0.25
+    with pytest.raises(DataError, match="config.validation"):
+        check_values(run_config(colours, validation=value))
+
+
+def test_periodic_evaluations_read_validation_and_the_test_split_only_the_last(
+        colours, tmp_path, monkeypatch):
+    read = []
+    real = evaluate_module.evaluate
+
+    def recording(s, state, eval_step=None, split="test"):
+        read.append((int(state.step), split))
+        return real(s, state, eval_step, split=split)
+
+    monkeypatch.setattr(train_module, "evaluate", recording)
+    out = train_module.train(run_config(colours, validation="0.25", eval_every=2),
+                             str(tmp_path / "run"))
+    assert read == [(2, "validation"), (4, "validation"), (6, "test"), (6, "validation")]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val_steps = [x["step"] for x in lines if "val/accuracy/colours" in x]
+    test_steps = [x["step"] for x in lines if "eval/accuracy/colours" in x]
+    assert val_steps == [2, 4, 6] and test_steps == [6]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary == out and summary["splits"]["accuracy"] == "test"
+    assert summary["splits"]["val_accuracy"].startswith("validation: 0.25 of train")
+    for task in ("digits", "colours"):
+        assert 0.0 <= summary["tasks"][task]["val_accuracy"] <= 1.0
+
+
+def test_without_validation_the_summary_says_accuracy_is_on_test(trained_run):
+    _, summary = trained_run
+    assert summary["splits"] == {"accuracy": "test"}
+    assert "val_accuracy" not in summary["tasks"]["colours"]
