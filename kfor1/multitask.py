@@ -66,6 +66,10 @@ class Layout:
     def shared_paths(self) -> set[str]:
         return {p for p, label in self.param_labels if not is_patch(label)}
 
+    def frozen_paths(self, train_shared: bool) -> set[str]:
+        """The parameters a run never trains: the shared ones, unless ``train_shared``."""
+        return set() if train_shared else self.shared_paths()
+
     def patch_stat_paths(self) -> set[str]:
         return {p for p, label in self.stat_labels if is_patch(label)}
 

@@ -75,8 +75,8 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
     ckpt = Checkpointer(wd.checkpoints, keep=config.keep_checkpoints)
     start = 0
     if ckpt.latest_step() is not None:
-        state = ckpt.restore(state, quarantine=True, frozen=(
-            () if config.train_shared else state.layout.shared_paths()))
+        state = ckpt.restore(state, quarantine=True,
+                             frozen=state.layout.frozen_paths(config.train_shared))
         start = int(jax.device_get(state.step))
         print(f"resumed from {ckpt.directory} at step {start}")
     # Only now: a resume that the checkpoint refuses must leave the run's config.json as it was.

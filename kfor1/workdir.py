@@ -205,8 +205,8 @@ def restore(workdir: str | Workdir, step: int | None = None) -> tuple[Setup, Mul
         if checkpointer.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {workdir.checkpoints}; train first")
         template = s.init_state()
-        state = checkpointer.restore(template, step, frozen=(
-            () if config.train_shared else template.layout.shared_paths()))
+        state = checkpointer.restore(
+            template, step, frozen=template.layout.frozen_paths(config.train_shared))
     finally:
         checkpointer.close()
     return s, state
