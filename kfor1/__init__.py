@@ -23,6 +23,14 @@ Public API:
 The trainer (config -> workdir) is ``kfor1.train.train``; the command line is ``kfor1.cli``.
 """
 
+import os
+
+# TensorFlow (input pipelines, TensorBoard, export) 2.21 and later log "oneDNN custom
+# operations are on" through absl on import, whatever TF_CPP_MIN_LOG_LEVEL says: three lines of
+# noise before every command's output. kfor1 runs no TensorFlow convolution or matrix product, so
+# oneDNN's kernels do nothing for it; a user who sets the variable keeps their value.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
 from kfor1 import layers, microbatch, models
 from kfor1.basefile import export_base, load_base_dir
 from kfor1.errors import TrainingError, UserError
