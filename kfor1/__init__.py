@@ -9,7 +9,8 @@ Public API:
 - models: ``create``, ``load_pretrained``, ``Pretrained`` (and ``kfor1.models``);
 - patches: ``PatchSpec``, ``partition``, ``report``, ``patch_optimizer``;
 - multi-task training: ``Task``, ``init_multitask``, ``task_variables``, ``make_train_step``,
-  ``make_eval_step``, ``make_predict_fn`` (inference in micro-batches: ``kfor1.microbatch``);
+  ``make_eval_step``, ``make_predict_fn`` (inference in micro-batches: ``kfor1.microbatch``),
+  ``make_stats_step`` (each task's BatchNorm statistics: the ``stats`` patch, ``kfor1.adabn``);
 - patch files: ``export_patch``, ``load_patch``, ``apply_patch``, ``load_patched`` (a task's
   model from its patch directory) and, for runs that train their backbone, the base they apply
   to: ``export_base``, ``load_base_dir``;
@@ -20,7 +21,8 @@ Public API:
   training gradient);
 - errors: ``UserError`` (the base of every error a user's input can cause), ``TrainingError``.
 
-The trainer (config -> workdir) is ``kfor1.train.train``; the command line is ``kfor1.cli``.
+The trainer (config -> workdir) is ``kfor1.train.train``, the patch sweep (config -> which patch,
+at which learning rates) ``kfor1.sweep.sweep``; the command line is ``kfor1.cli``.
 """
 
 import os
@@ -42,7 +44,7 @@ from kfor1.patchfile import apply_patch, export_patch, load_patch, load_patched
 from kfor1.report import PatchReport, report
 from kfor1.sharding import make_mesh, shard_batch, shard_state
 from kfor1.spec import PRESETS, PatchSpec, PatchSpecError, partition, stats_labels
-from kfor1.step import make_eval_step, make_predict_fn, make_train_step
+from kfor1.step import make_eval_step, make_predict_fn, make_stats_step, make_train_step
 
 __version__ = "0.1.0"
 
@@ -72,6 +74,7 @@ __all__ = [
     "make_eval_step",
     "make_mesh",
     "make_predict_fn",
+    "make_stats_step",
     "make_train_step",
     "models",
     "native",

@@ -1,7 +1,7 @@
-"""The ``kfor1`` command line: ``train``, ``eval``, ``export``, ``predict`` and ``params``.
+"""The ``kfor1`` command line: ``train``, ``sweep``, ``eval``, ``export``, ``predict``, ``params``.
 
 Each command is a pair in ``COMMANDS``: ``_add_<name>`` (its arguments) and ``_run_<name>`` (its
-action). ``train`` takes an ml_collections config file and absl-style overrides
+action). ``train`` and ``sweep`` take an ml_collections config file and absl-style overrides
 (``--config.KEY=VALUE``, type-checked against the locked config), which argparse cannot express,
 so ``main`` parses them with absl before argparse sees them. ``python -m launch.<name>`` runs the
 same commands from a source checkout. Mistakes a user can make (``kfor1.errors.USER_ERRORS``)
@@ -13,16 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from kfor1.errors import USER_ERRORS, one_line, quiet_library_logs
+from kfor1.flags import parse_train_args
 from kfor1.table import format_table
-
-TRAIN_EXAMPLE = "kfor1 train --config configs/transfer.py:dataset=digits --workdir runs/digits"
-
 
 # --- train -----------------------------------------------------------------------------------
 
@@ -38,58 +34,6 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop_at_step", type=_positive_int, default=None,
                         help="end early at this step, after checkpointing (as a preemption "
                         "would)")
-
-
-def _flag_message(exc: BaseException) -> str:
-    """absl's and ml_collections' parse errors as one line: a config file's own error (which
-    ml_collections wraps with its traceback) by its last line, an unknown field by its name."""
-    text = str(exc)
-    if isinstance(exc, AttributeError):  # ml_collections: "'num_stepz'\nDid you mean ...?"
-        message: object = exc
-        while isinstance(message, BaseException) and message.args:  # A KeyError inside.
-            message = message.args[0]
-        name, _, hint = str(message).partition("\n")
-        return f"unknown config field {name.strip(chr(39))!r}" + (f"; {hint}" if hint else "")
-    errno = re.search(r"\[Errno \d+\] (.+)$", text, flags=re.MULTILINE)
-    if errno:  # ml_collections lists every path it tried; the reason names the file.
-        return f"cannot load the config file: {errno.group(1)}"
-    errors = re.findall(r"^[\w.]*(?:Error|Exception): (.+)$", text, flags=re.MULTILINE)
-    return one_line(errors[-1] if errors else text)
-
-
-def parse_train_args(argv: Sequence[str]) -> tuple[Any, str | None, int | None, bool]:
-    """``(config, workdir, stop_at_step, dry_run)`` from ``kfor1 train``'s arguments (absl
-    flags; ``--dry-run`` is also spelled ``--dry_run``).
-
-    Raises ``kfor1.config.ConfigError`` for a missing, unknown or unparsable flag, a config
-    file that fails to load, or an unknown config field.
-    """
-    from absl import flags
-    from ml_collections import config_flags
-
-    from kfor1.config import ConfigError
-
-    args = ["kfor1 train", *(a.replace("--dry-run", "--dry_run", 1) if a.startswith("--dry-run")
-                             else a for a in argv)]
-    fv = flags.FlagValues()  # Our own: importing kfor1 defines no global flags.
-    config = config_flags.DEFINE_config_file(
-        "config", None, "config file[:args]", flag_values=fv, lock_config=True, sys_argv=args
-    )
-    workdir = flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
-    stop = flags.DEFINE_integer("stop_at_step", None, "end early at this step", flag_values=fv)
-    dry = flags.DEFINE_boolean("dry_run", False, "check the config and exit", flag_values=fv)
-    try:
-        rest = fv(args)
-        value = config.value
-        if value is not None:
-            value.keys()  # A file that failed to load raises on first use: make that now.
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-        raise ConfigError(_flag_message(e)) from None
-    if rest[1:]:
-        raise ConfigError(f"unexpected arguments {rest[1:]}; e.g. {TRAIN_EXAMPLE}")
-    if value is None or not (workdir.value or dry.value):
-        raise ConfigError(f"--config and --workdir are required; e.g. {TRAIN_EXAMPLE}")
-    return value, workdir.value, stop.value, dry.value
 
 
 def _run_train(argv: Sequence[str]) -> int:
@@ -113,12 +57,51 @@ def _run_train(argv: Sequence[str]) -> int:
     return 0
 
 
+# --- sweep -----------------------------------------------------------------------------------
+
+SWEEP_EXAMPLE = ("kfor1 sweep --config configs/transfer.py:dataset=digits --patches "
+                 "logits,scale_bias+logits --workdir runs/digits-sweep")
+
+
+def _add_sweep(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="a one-task config file[:args], e.g. "
+                        "configs/transfer.py:dataset=digits; --config.KEY=VALUE overrides")
+    parser.add_argument("--workdir", required=True, help="the sweep's directory (resumed if "
+                        "present): runs/, sweep.json, sweep.md, sweep.png")
+    parser.add_argument("--patches", help="presets to compare, separated by commas (default: "
+                        "logits,stats+logits,bias+logits,scale_bias+logits,depthwise+logits,"
+                        "depthwise+scale_bias+logits,full)")
+    parser.add_argument("--lrs", default="auto", help="learning-rate grid: auto (x0.33,x1,x3 "
+                        "of each group's rate), factors (x0.5,x2) or rates (1e-3,1e-2)")
+
+
+def _run_sweep(argv: Sequence[str]) -> int:
+    from absl import logging
+
+    from kfor1.config import ConfigError
+    from kfor1.flags import parse_config_args
+    from kfor1.sweep import DEFAULT_PATCHES, sweep
+
+    config, v = parse_config_args(argv, "sweep", SWEEP_EXAMPLE,
+                                  strings=("workdir", "patches", "lrs"))
+    if not v["workdir"]:
+        raise ConfigError(f"--workdir is required; e.g. {SWEEP_EXAMPLE}")
+    logging.set_verbosity(logging.WARNING)
+    result = sweep(config, v["workdir"], DEFAULT_PATCHES if v["patches"] is None
+                   else v["patches"], "auto" if v["lrs"] is None else v["lrs"])
+    print(f"recommendation: {result['recommendation']}")
+    print(f"see {v['workdir']}/sweep.md and sweep.png")
+    return 0
+
+
 def format_summary(summary: dict) -> str:
     """A run's summary (``kfor1.metrics.summary``) as a table, one row per task."""
     rows = [(name, t["num_classes"], f"{t['patch_parameters']:,}",
-             f"{t['patch_file_bytes'] / 1024:.1f} KiB", f"{100 * t['accuracy']:.2f}%")
+             f"{t['patch_file_bytes'] / 1024:.1f} KiB",
+             f"{100 * t.get('accuracy', t.get('val_accuracy', 0.0)):.2f}%")
             for name, t in summary["tasks"].items()]
-    return format_table(("task", "classes", "patch params", "patch file", "accuracy"), rows)
+    column = "accuracy" if "accuracy" in summary["splits"] else "val accuracy"
+    return format_table(("task", "classes", "patch params", "patch file", column), rows)
 
 
 # --- eval, export ----------------------------------------------------------------------------
@@ -333,6 +316,8 @@ Command = tuple[str, str, Callable[[argparse.ArgumentParser], None],
 COMMANDS: tuple[Command, ...] = (
     ("train", "train task patches from a config (--config.KEY=VALUE overrides)",
      _add_train, None),  # Dispatched in main(), before argparse.
+    ("sweep", "train every patch of a list at a small learning-rate grid, choose on "
+     "validation, test the chosen once", _add_sweep, None),  # Dispatched in main(), too.
     ("eval", "evaluate a run's latest (or --step) checkpoint on every task's test split",
      _add_workdir, _run_eval),
     ("export", "write patches/<task>/ patch files from a run's checkpoint",
@@ -365,8 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_library_logs()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv):
-            return _run_train(argv[1:])
+        if argv[:1] in (["train"], ["sweep"]) and not {"-h", "--help"} & set(argv):
+            return (_run_train if argv[0] == "train" else _run_sweep)(argv[1:])
         parser = build_parser()
         try:
             args = parser.parse_args(argv)

@@ -77,7 +77,7 @@ def dry_run(config: ml_collections.ConfigDict) -> tuple[str, list[str]]:
         "",
         f"parameters, with the base's {module.num_classes}-class head (each task's own head "
         "replaces it):",
-        str(report(variables, labels)),
+        str(report(variables, labels, spec)),
         "",
     ]
     mesh = attempt("mesh", lambda: build_mesh(config))

@@ -48,8 +48,9 @@ def evaluate(
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     sources = [t.test if split == "test" else t.val for t in s.tasks]
     if any(ds is None for ds in sources):
-        raise ValueError(f"this setup has no {split} split (config.validation holds one out "
-                         "of each task's train split)")
+        raise ValueError(f"this setup has no {split} split" + (
+            " (config.validation holds one out of each task's train split)"
+            if split == "validation" else " (config.evaluate_test=False)"))
     model = s.model.clone(num_classes=state.layout.max_classes)
     eval_step = eval_step or make_eval_step(model)
     pre = s.base.preprocessing

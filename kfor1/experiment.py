@@ -39,7 +39,7 @@ class TaskData:
 
     task: Task
     info: kdata.DatasetInfo
-    test: Any
+    test: Any  # None in a run that never opens it (config.evaluate_test=False).
     train: Any = None
     val: Any = None  # Held out of train (config.validation), or None.
 
@@ -73,7 +73,7 @@ class Setup:
         """The K-task state at step 0: base weights, fresh heads, optimiser state."""
         return init_multitask(
             self.base.variables, self.labels, [t.task for t in self.tasks], self.optimizer,
-            head=self.spec.head, mesh=self.mesh,
+            head=self.spec.head, mesh=self.mesh, spec=self.spec,
         )
 
 
@@ -134,7 +134,7 @@ def check_values(config: ml_collections.ConfigDict) -> tuple[TaskChunk, PatchSpe
     """The checks that need nothing loaded: step and batch counts, tasks, ``task_chunk``, the
     patch spec (parsed here, once). Returns the task chunk and the spec."""
     for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-                "eval_batch_size"):
+                "eval_batch_size", "stats_images"):
         if config[key] < 1:
             raise ConfigError(f"config.{key}={config[key]} must be at least 1")
     if config.eval_every < 0:
@@ -150,7 +150,9 @@ def check_values(config: ml_collections.ConfigDict) -> tuple[TaskChunk, PatchSpe
                               f"small; use at least {MIN_RESOLUTION} (0: the model's own)")
     if not config.tasks:
         raise ValueError("config.tasks is empty; give at least one task")
-    kdata.parse_validation(config.validation)
+    if not kdata.parse_validation(config.validation) and not config.evaluate_test:
+        raise ConfigError("config.evaluate_test=False needs a validation split to evaluate on; "
+                          "set config.validation (e.g. 0.1)")
     patch = list(config.patch_rules) if config.patch_rules else config.patch
     return task_chunk(config.task_chunk), PatchSpec.parse(patch, head=config.head or None)
 
@@ -184,9 +186,13 @@ def _load_task(
         skipped.update(train_info.skipped)
         fraction = kdata.parse_validation(config.validation)
         if fraction:
-            train_ds, val_ds, n_train, n_val = kdata.hold_out(train_ds, fraction, config.seed)
-    test_ds, info = kdata.load_source(t.dataset, "test", data_dir=data_dir, class_names=pinned,
-                                      skip_bad_images=skip)
+            train_ds, val_ds, n_train, n_val = kdata.hold_out(train_ds, fraction, config.seed,
+                                                            train_info.class_names)
+    if train and not config.evaluate_test:  # The test split stays closed (kfor1 sweep).
+        test_ds, info = None, train_info
+    else:
+        test_ds, info = kdata.load_source(t.dataset, "test", data_dir=data_dir,
+                                          class_names=pinned, skip_bad_images=skip)
     skipped.update(info.skipped)
     for split, files in skipped.items():
         print(f"warning: task {t.name!r}: skipped {len(files)} {split} image"

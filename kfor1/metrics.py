@@ -94,7 +94,7 @@ def eval_scalars(
 
 def summary(
     *, model: str, spec: Any, task_report: PatchReport,
-    results: Mapping[str, Mapping[str, float]], num_classes: Mapping[str, int],
+    results: Mapping[str, Mapping[str, float]] | None, num_classes: Mapping[str, int],
     patch_files: Mapping[str, Mapping[str, Any]],
     skipped_images: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     validation: Mapping[str, Mapping[str, float]] | None = None, validation_fraction: float = 0.0,
@@ -104,15 +104,19 @@ def summary(
     ``{"train": {"count", "files"}}``, ``config.skip_bad_images``), and totals;
     ``task_report`` is of the first task's model (its head, not ImageNet's). ``accuracy`` is
     on the test split; with a ``validation`` split, ``val_accuracy`` and ``val_loss`` too, and
-    ``splits`` says where each comes from."""
+    ``splits`` says where each comes from. ``results`` is None for a run that never read its
+    test split (``config.evaluate_test=False``): it has the validation results only."""
     skipped_images = skipped_images or {}
+    if results is None and not validation:
+        raise ValueError("a summary needs test results, validation results or both")
     tasks = {
-        name: {**results[name], "num_classes": num_classes[name], **patch_files[name],
+        name: {**(results[name] if results else {"examples": validation[name]["examples"]}),
+               "num_classes": num_classes[name], **patch_files[name],
                "skipped_images": {split: {"count": len(files), "files": list(files)}
                                   for split, files in skipped_images.get(name, {}).items()}}
-        for name in results
+        for name in (results or validation)
     }
-    splits = {"accuracy": "test"}
+    splits = {"accuracy": "test"} if results else {}
     if validation:
         for name, t in tasks.items():
             t["val_accuracy"] = validation[name]["accuracy"]
@@ -129,6 +133,7 @@ def summary(
             "patch_parameters": sum(t["patch_parameters"] for t in tasks.values()),
             "patch_file_bytes": sum(t["patch_file_bytes"] for t in tasks.values()),
             "patch_fraction": task_report.patch_fraction,
-            "mean_accuracy": float(np.mean([t["accuracy"] for t in tasks.values()])),
+            **({"mean_accuracy": float(np.mean([t["accuracy"] for t in tasks.values()]))}
+               if results else {}),
         },
     }

@@ -103,6 +103,7 @@ def init_multitask(
     *,
     head: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    spec: Any = None,
 ) -> MultiTaskState:
     """Builds the K-task state from one pretrained model's variables.
 
@@ -110,7 +111,8 @@ def init_multitask(
     from zeros (a common, deterministic choice for fine-tuning heads). Apply the state with a
     model whose classifier has ``max(num_classes)`` outputs. With ``mesh``, the state is placed
     on it (patches along 'task', shared parameters replicated) before the optimiser state is
-    built, so that the optimiser state inherits the same layout.
+    built, so that the optimiser state inherits the same layout. ``spec``, the patch spec the
+    labels come from, says which BatchNorm statistics are per task (``kfor1.stats_labels``).
     """
     tasks = tuple(t if isinstance(t, Task) else Task(*t) for t in tasks)
     if not tasks:
@@ -154,7 +156,7 @@ def init_multitask(
             new_params[path] = jnp.stack([task_head(path, n) for n in num_classes])
         else:
             new_params[path] = jnp.broadcast_to(jnp.asarray(value), (k, *np.shape(value)))
-    flat_stat_labels = flatten(stats_labels(unflatten(stats), labels)) if stats else {}
+    flat_stat_labels = flatten(stats_labels(unflatten(stats), labels, spec)) if stats else {}
     new_stats = {
         path: (jnp.broadcast_to(jnp.asarray(v), (k, *np.shape(v)))
                if is_patch(flat_stat_labels[path]) else jnp.array(v))

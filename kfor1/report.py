@@ -60,8 +60,9 @@ class PatchReport:
         return "\n".join(lines)
 
 
-def report(variables: dict[str, Any], labels: dict[str, Any]) -> PatchReport:
-    """Counts per label group of ``partition(variables, spec[, groups=True])``."""
+def report(variables: dict[str, Any], labels: dict[str, Any], spec: Any = None) -> PatchReport:
+    """Counts per label group of ``partition(variables, spec[, groups=True])``; ``spec`` says
+    which BatchNorm statistics are per task (``stats_labels``)."""
     params = flatten(variables.get("params", variables))
     flat_labels = flatten(labels)
     sizes: dict[str, list[int]] = {}
@@ -73,7 +74,7 @@ def report(variables: dict[str, Any], labels: dict[str, Any]) -> PatchReport:
     order = sorted(sizes, key=lambda label: (label == SHARED, label))
     groups = tuple(GroupSize(label, *sizes[label]) for label in order)
     stats = variables.get("batch_stats", {}) if "params" in variables else {}
-    stat_labels = flatten(stats_labels(stats, labels)) if stats else {}
+    stat_labels = flatten(stats_labels(stats, labels, spec)) if stats else {}
     flat_stats = flatten(stats) if stats else {}
     return PatchReport(
         groups=groups,
@@ -102,7 +103,7 @@ def model_report(
         lambda x: module.init(jax.random.key(0), x),
         jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32),
     )
-    text = str(report(variables, partition(variables, spec, groups=True, head=head)))
+    text = str(report(variables, partition(variables, spec, groups=True, head=head), spec))
     if overview:
         from clu import parameter_overview
 

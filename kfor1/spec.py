@@ -5,6 +5,12 @@ label (one copy per task). Patch labels are ``"patch"``, or, with ``groups=True`
 the preset that claimed the leaf (``"scale_bias"``, ``"logits"``...), so each group can get its
 own optimiser and learning rate.
 
+BatchNorm *statistics* are labelled apart (``stats_labels``): a BN layer's moving mean and
+variance belong to the patch when its scale or bias does, or, with the ``stats`` preset, for every
+BN layer. ``stats`` is AdaBN (Li et al., 2016): each task re-estimates the statistics on its own
+data, no parameter of the backbone is trained and no gradient flows through it; with ``logits``
+it is the cheapest patch there is.
+
 Presets work on any Flax linen model: BatchNorm parameters are found through their matching
 ``batch_stats`` entries, depthwise kernels by their ``(kh, kw, 1, C)`` shape, and the head as
 the last Dense layer (the last module with a 2-D kernel; override with ``head=``).
@@ -25,7 +31,7 @@ from kfor1.tree import Flat, flatten, leaf_name, module_path, unflatten
 
 SHARED = "shared"
 PATCH = "patch"
-PRESETS = ("logits", "scale_bias", "depthwise", "bias", "full", "none")
+PRESETS = ("logits", "scale_bias", "depthwise", "bias", "full", "stats", "none")
 
 
 class PatchSpecError(UserError, ValueError):
@@ -102,6 +108,11 @@ class PatchSpec:
             return cls.parse(rules, head=head)
         return cls.parse(text, head=head)
 
+    @property
+    def owns_all_stats(self) -> bool:
+        """True with the ``stats`` preset: every BatchNorm layer's statistics are per task."""
+        return "stats" in self.presets
+
     def describe(self) -> str | list[list[str]]:
         """JSON-friendly form, stored with exported patches."""
         return "+".join(self.presets) if self.presets else [list(r) for r in self.rules]
@@ -159,6 +170,7 @@ def _preset_selectors(
         "bias": lambda p: leaf_name(p) == "bias",
         "full": lambda p: True,
         "none": lambda p: False,
+        "stats": lambda p: False,  # BN statistics only: see stats_labels.
         "logits": lambda p: module_path(p) == classifier,
     }
     return selectors
@@ -190,7 +202,7 @@ def partition(
         for path in flat:
             label = SHARED
             for preset in spec.presets:
-                if preset != "none" and selectors[preset](path):
+                if selectors[preset](path):
                     label = preset if groups else PATCH
                     break
             labels[path] = label
@@ -221,11 +233,19 @@ def partition(
     return unflatten(labels)
 
 
-def stats_labels(batch_stats: Mapping[str, Any], labels: Mapping[str, Any]) -> dict[str, Any]:
-    """Per-task BatchNorm statistics: a BN layer's statistics belong to the patch exactly when
-    its scale or bias does (the scale-and-bias patch owns its moving statistics)."""
+def stats_labels(
+    batch_stats: Mapping[str, Any], labels: Mapping[str, Any], spec: Any = None
+) -> dict[str, Any]:
+    """Labels of the BatchNorm statistics, a tree like ``batch_stats``.
+
+    A BN layer's statistics belong to the patch when its scale or bias does (the scale-and-bias
+    patch owns its moving statistics), and every layer's do when ``spec`` has the ``stats``
+    preset (AdaBN). Patch statistics are re-estimated on each task's data during training.
+    """
+    own_all = spec is not None and PatchSpec.parse(spec).owns_all_stats
     flat_labels = flatten(labels)
     patched = {module_path(p) for p, label in flat_labels.items() if is_patch(label)}
     return unflatten({
-        p: (PATCH if module_path(p) in patched else SHARED) for p in flatten(batch_stats)
+        p: (PATCH if own_all or module_path(p) in patched else SHARED)
+        for p in flatten(batch_stats)
     })

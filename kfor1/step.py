@@ -28,7 +28,7 @@ from kfor1.microbatch import (
     resolve_task_chunk,
 )
 from kfor1.multitask import Layout, MultiTaskState
-from kfor1.tree import flatten, unflatten
+from kfor1.tree import flatten, module_path, unflatten
 
 Batch = Mapping[str, jax.Array]
 _STEP_IDS = itertools.count()
@@ -162,9 +162,11 @@ def make_train_step(
     ``model`` is a Flax module whose classifier has ``max(num_classes)`` outputs and whose
     ``__call__`` takes ``train_kwarg`` (True: BN uses batch statistics, dropout on).
 
-    BatchNorm runs in training mode, updating statistics, when the patch owns BN statistics or
-    the shared backbone is trained (``train_shared=True``, with ``patch_optimizer(...,
-    shared_tx=...)``); otherwise the network runs in inference mode with its frozen statistics.
+    BatchNorm runs in training mode, updating statistics, when the patch owns BN statistics and
+    trains something below the head, or the shared backbone is trained (``train_shared=True``,
+    with ``patch_optimizer(..., shared_tx=...)``); otherwise the network runs in inference mode
+    with its statistics as they are: the base's, or each task's own from ``make_stats_step``
+    (the ``stats`` preset: nothing the statistics see is trained, so they stay exact).
 
     ``task_chunk`` tasks run at a time inside the step (``kfor1.microbatch.map_task_chunks``;
     same result as one ``vmap`` over all tasks). ``"auto"``: tasks making ~64 images per chunk
@@ -181,7 +183,8 @@ def make_train_step(
         task_groups = resolution_groups(layout, groups)
         batches = _group_batches(batch, task_groups)
         split = _Split(state)
-        bn_train = bool(split.patch_stats) or (train_shared and split.has_stats)
+        below_head = any(module_path(p) != layout.head for p in split.patch)
+        bn_train = (bool(split.patch_stats) and below_head) or (train_shared and split.has_stats)
         class_mask = jnp.asarray(layout.class_mask())
         keys = jax.random.split(rng, k)
         forward = _forward(model, train_kwarg, split, bn_train, bn_train)
@@ -212,7 +215,7 @@ def make_train_step(
                 total = total + loss.sum()
                 losses = _place(losses, loss, idx, k)
                 accuracy = _place(accuracy, acc, idx, k)
-                for p in patch_stats:
+                for p in patch_stats if bn_train else ():
                     patch_stats[p] = _place(patch_stats[p], new_stats[p], idx, k)
                 shared_stats_per_task.append(
                     {p: v for p, v in new_stats.items() if p in split.shared_stats}
@@ -296,6 +299,48 @@ def make_eval_step(
             )
             for name, value in zip(("loss_sum", "correct", "count"), (loss, correct, count)):
                 out[name] = _place(out[name], value, idx, k)
+        return out
+
+    return jax.jit(step)
+
+
+def make_stats_step(
+    model: nn.Module, *, groups: Sequence[Sequence[int]] | None = None, train_kwarg: str = "train"
+) -> Callable[[MultiTaskState, Any, jax.Array], dict[str, jax.Array]]:
+    """Returns ``stats_step(state, batch, rng) -> {path: (K, C)}``: each task's batch mean and
+    variance at every BatchNorm layer whose statistics the patch owns (``batch_stats`` paths,
+    ``.../mean`` and ``.../var``), with the network in training mode (each layer normalised by
+    its batch's statistics) and no gradient. ``kfor1.adabn`` averages them over batches.
+
+    Any BatchNorm with Flax's update ``new = m * old + (1 - m) * batch`` works, whatever its
+    momentum ``m``: the step applies the model from statistics of 0 and of 1, which gives
+    ``(1 - m) * batch`` and ``m``.
+    """
+
+    def step(state: MultiTaskState, batch: Any, rng: jax.Array) -> dict[str, jax.Array]:
+        layout = state.layout
+        k = layout.num_tasks
+        task_groups = resolution_groups(layout, groups)
+        batches = _group_batches(batch, task_groups)
+        split = _Split(state)
+        forward = _forward(model, train_kwarg, split, True, True)
+        keys = jax.random.split(rng, k)
+        out = {p: jnp.zeros_like(v) for p, v in split.patch_stats.items()}
+        for idx, b in zip(task_groups, batches):
+
+            def task_stats(p, ps, x, key):
+                _, zero = forward(p, jax.tree.map(jnp.zeros_like, ps), split.shared,
+                                  split.shared_stats, x, key)
+                _, one = forward(p, jax.tree.map(jnp.ones_like, ps), split.shared,
+                                 split.shared_stats, x, key)
+                # one - zero = m; zero = (1 - m) * batch.
+                return {q: zero[q] / (1.0 - (one[q] - zero[q])) for q in ps}
+
+            stats = jax.vmap(task_stats)(
+                _take(split.patch, idx, k), _take(split.patch_stats, idx, k), b["images"],
+                keys[np.asarray(idx)],
+            )
+            out = {p: _place(out[p], stats[p], idx, k) for p in out}
         return out
 
     return jax.jit(step)

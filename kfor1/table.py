@@ -40,3 +40,23 @@ def format_table(
 
     rule = indent + "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule, *map(line, cells[1:])])
+
+
+def markdown_table(
+    header: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1
+) -> str:
+    """The same table as GitHub Markdown (``sweep.md``, ``docs/results.md``): the first
+    ``left`` columns left-aligned, the others right-aligned.
+
+    Example::
+
+      >>> print(markdown_table(["task", "accuracy"], [["digits", "98.06%"]]))
+      | task | accuracy |
+      |:---|---:|
+      | digits | 98.06% |
+    """
+    def line(row: Sequence[object]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
+
+    rule = "|" + "|".join(":---" if i < left else "---:" for i in range(len(header))) + "|"
+    return "\n".join([line(header), rule, *map(line, rows)])

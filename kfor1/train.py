@@ -25,6 +25,7 @@ import numpy as np
 
 from kfor1 import data as kdata
 from kfor1 import distributed
+from kfor1.adabn import reestimate_stats
 from kfor1.checkpoint import Checkpointer
 from kfor1.errors import TrainingError
 from kfor1.evaluate import evaluate, group_batches
@@ -70,7 +71,7 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
             for note in notes:
                 print(f"note: {note}", file=sys.stderr)
     # Sized for the tasks: their heads, not the 1000-class ImageNet head.
-    task_report = report(task_variables(state, 0), state.layout.labels)
+    task_report = report(task_variables(state, 0), state.layout.labels, s.spec)
     print(task_report)
     ckpt = Checkpointer(wd.checkpoints, keep=config.keep_checkpoints)
     start = 0
@@ -79,6 +80,10 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
                              frozen=state.layout.frozen_paths(config.train_shared))
         start = int(jax.device_get(state.step))
         print(f"resumed from {ckpt.directory} at step {start}")
+    elif s.spec.owns_all_stats:
+        print(f"stats: estimating each task's BatchNorm statistics on up to "
+              f"{int(config.stats_images):,} of its training images")
+        state = reestimate_stats(s, state)
     # Only now: a resume that the checkpoint refuses must leave the run's config.json as it was.
     if jax.process_index() == 0:
         save_run(s, wd)
@@ -141,9 +146,9 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
         metrics_log.close()
         return {"stopped_at_step": end}
 
-    results = evaluate(s, state, eval_step)
+    results = evaluate(s, state, eval_step) if config.evaluate_test else None
     validation = evaluate(s, state, eval_step, split="validation") if periodic != "test" else None
-    metrics_log.write(end, {**eval_scalars(results),
+    metrics_log.write(end, {**(eval_scalars(results) if results else {}),
                             **(eval_scalars(validation, "validation") if validation else {})})
     metrics_log.close()
     if jax.process_index() > 0:  # Process 0 writes the run's files.

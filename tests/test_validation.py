@@ -40,8 +40,14 @@ def test_hold_out_is_stratified_disjoint_and_seeded():
 
 
 def test_every_class_with_two_examples_gives_one_and_keeps_one():
-    _, val, _, n_val = hold_out(_labelled([0, 0, 1, 1, 1, 2]), 0.01, seed=0)
-    assert n_val == 2 and sorted(int(x["label"]) for x in val.as_numpy_iterator()) == [0, 1]
+    _, val, _, n_val = hold_out(_labelled([0, 0, 1, 1, 1, 2, 2]), 0.01, seed=0)
+    assert n_val == 3 and sorted(int(x["label"]) for x in val.as_numpy_iterator()) == [0, 1, 2]
+
+
+def test_a_class_the_validation_split_would_miss_is_named():
+    with pytest.raises(DataError, match="class 'cat' has a single training example .* set "
+                       "config.validation=''"):
+        hold_out(_labelled([0, 0, 1]), 0.1, seed=0, class_names=["dog", "cat"])
 
 
 @pytest.mark.parametrize("value", ["1.5", "abc", "-0.1", "1"])

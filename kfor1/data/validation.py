@@ -1,12 +1,15 @@
 """A validation split held out of a task's train split: what model selection and periodic
 evaluation read, so that the test split is touched only by a run's final evaluation.
 
-The hold-out is stratified (each class gives the same fraction of its examples, at least one
-when it has two or more) and seeded, so a run and its resume, and every run of a sweep with
-the same seed, hold out the same examples.
+The hold-out is stratified (each class gives the same fraction of its examples, at least one,
+and keeps at least one for training; a class with a single example is an error, since the
+validation split could not measure it) and seeded, so a run and its resume, and every run of
+a sweep with the same seed, hold out the same examples.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -35,26 +38,31 @@ def parse_validation(value: str | float) -> float:
 
 
 def hold_out(
-    ds: tf.data.Dataset, fraction: float, seed: int,
+    ds: tf.data.Dataset, fraction: float, seed: int, class_names: Sequence[str] | None = None,
 ) -> tuple[tf.data.Dataset, tf.data.Dataset, int, int]:
     """Splits ``ds`` (examples with a ``"label"``, decoded or not) into ``(train, validation,
     train_size, validation_size)``.
 
     Reads the labels once (for undecoded folder or TFDS data: paths or bytes, not pixels).
-    Both parts keep ``ds``'s order and have a known cardinality.
+    Both parts keep ``ds``'s order and have a known cardinality. A class with fewer than two
+    examples is a ``DataError`` naming it (``class_names``: the names, by label).
     """
     labels = np.fromiter(
         (int(x) for x in ds.map(lambda ex: ex["label"]).as_numpy_iterator()), np.int64)
     rng = np.random.default_rng(seed)
     held = np.zeros(len(labels), bool)
-    for c in np.unique(labels):
+    classes, counts = np.unique(labels, return_counts=True)
+    single = [int(c) for c, n in zip(classes, counts) if n < 2]
+    if single:
+        name = class_names[single[0]] if class_names is not None else f"label {single[0]}"
+        raise DataError(
+            f"class {name!r} has a single training example ({len(single)} such class"
+            f"{'es' if len(single) > 1 else ''}): a validation split would have none of it; "
+            "add examples of it, or set config.validation='' (no validation split)")
+    for c in classes:
         members = np.flatnonzero(labels == c)
-        n = 0 if len(members) < 2 else min(max(round(fraction * len(members)), 1),
-                                           len(members) - 1)
+        n = min(max(round(fraction * len(members)), 1), len(members) - 1)
         held[rng.permutation(members)[:n]] = True
-    if not held.any():
-        raise DataError(f"a validation fraction of {fraction} holds out no example of "
-                        f"{len(labels)}; raise config.validation or use more data")
     table = tf.constant(held)
     keyed = ds.enumerate()
 

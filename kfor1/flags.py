@@ -1,0 +1,91 @@
+"""Command-line flags of the commands that take a config: ``--config FILE[:ARGS]`` with absl's
+``--config.KEY=VALUE`` overrides (type-checked against the locked config), which argparse
+cannot express, and each command's own flags. Shared by ``kfor1 train`` and ``kfor1 sweep``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from kfor1.errors import one_line
+
+TRAIN_EXAMPLE = "kfor1 train --config configs/transfer.py:dataset=digits --workdir runs/digits"
+
+
+def _flag_message(exc: BaseException) -> str:
+    """absl's and ml_collections' parse errors as one line: a config file's own error (which
+    ml_collections wraps with its traceback) by its last line, an unknown field by its name."""
+    text = str(exc)
+    if isinstance(exc, AttributeError):  # ml_collections: "'num_stepz'\nDid you mean ...?"
+        message: object = exc
+        while isinstance(message, BaseException) and message.args:  # A KeyError inside.
+            message = message.args[0]
+        name, _, hint = str(message).partition("\n")
+        return f"unknown config field {name.strip(chr(39))!r}" + (f"; {hint}" if hint else "")
+    errno = re.search(r"\[Errno \d+\] (.+)$", text, flags=re.MULTILINE)
+    if errno:  # ml_collections lists every path it tried; the reason names the file.
+        return f"cannot load the config file: {errno.group(1)}"
+    errors = re.findall(r"^[\w.]*(?:Error|Exception): (.+)$", text, flags=re.MULTILINE)
+    return one_line(errors[-1] if errors else text)
+
+
+def parse_config_args(
+    argv: Sequence[str], command: str, example: str, strings: Sequence[str] = (),
+    integers: Sequence[str] = (), booleans: Sequence[str] = (),
+) -> tuple[Any, dict[str, Any]]:
+    """``(config, values)`` from a command's absl flags: ``--config FILE[:ARGS]``, its
+    ``--config.KEY=VALUE`` overrides, and the named string, integer and boolean flags (None or
+    False when not given; a dash in a flag is also spelled as an underscore).
+
+    Raises ``kfor1.config.ConfigError`` for an unknown or unparsable flag, a config file that
+    fails to load, or an unknown config field.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    from kfor1.config import ConfigError
+
+    def spelled(arg: str) -> str:
+        name, sep, rest = arg.partition("=")
+        return "--" + name[2:].replace("-", "_") + sep + rest if arg.startswith("--") else arg
+
+    args = [f"kfor1 {command}", *(a if a.startswith("--config") else spelled(a) for a in argv)]
+    fv = flags.FlagValues()  # Our own: importing kfor1 defines no global flags.
+    config = config_flags.DEFINE_config_file(
+        "config", None, "config file[:args]", flag_values=fv, lock_config=True, sys_argv=args
+    )
+    defined = {name: flags.DEFINE_string(name, None, name, flag_values=fv) for name in strings}
+    defined |= {name: flags.DEFINE_integer(name, None, name, flag_values=fv)
+                for name in integers}
+    defined |= {name: flags.DEFINE_boolean(name, False, name, flag_values=fv)
+                for name in booleans}
+    try:
+        rest = fv(args)
+        value = config.value
+        if value is not None:
+            value.keys()  # A file that failed to load raises on first use: make that now.
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
+        raise ConfigError(_flag_message(e)) from None
+    if rest[1:]:
+        raise ConfigError(f"unexpected arguments {rest[1:]}; e.g. {example}")
+    if value is None:
+        raise ConfigError(f"--config is required; e.g. {example}")
+    return value, {name: flag.value for name, flag in defined.items()}
+
+
+def parse_train_args(argv: Sequence[str]) -> tuple[Any, str | None, int | None, bool]:
+    """``(config, workdir, stop_at_step, dry_run)`` from ``kfor1 train``'s arguments (absl
+    flags; ``--dry-run`` is also spelled ``--dry_run``).
+
+    Raises ``kfor1.config.ConfigError`` for a missing, unknown or unparsable flag, a config
+    file that fails to load, or an unknown config field.
+    """
+    from kfor1.config import ConfigError
+
+    config, v = parse_config_args(argv, "train", TRAIN_EXAMPLE, strings=("workdir",),
+                                  integers=("stop_at_step",), booleans=("dry_run",))
+    if not (v["workdir"] or v["dry_run"]):
+        raise ConfigError(f"--config and --workdir are required; e.g. {TRAIN_EXAMPLE}")
+    return config, v["workdir"], v["stop_at_step"], v["dry_run"]

@@ -1,0 +1,191 @@
+"""``kfor1 sweep`` (kfor1/sweep.py, kfor1/sweep_report.py): every patch at a small learning-rate
+grid, chosen on validation, the test split read once at the end, resumable, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import kfor1.data
+import kfor1.sweep as sweep_module
+from kfor1.cli import main
+from kfor1.config import base_config, task
+from kfor1.sweep import SweepError, parse_grid, parse_patches, sweep
+from kfor1.sweep_report import pareto_front, plot
+
+TIMINGS = ("train_seconds", "images_per_s")
+
+
+def _tiny_config(dataset: str = "digits", **overrides):
+    """A user model of two small convolutions on digits at 32 px, 6 steps: seconds a run."""
+    c = base_config()
+    c.model = "tests.user_model:factory"
+    c.tasks = [task(dataset, resolution=32)]
+    c.num_steps, c.batch_size, c.warmup_steps = 6, 8, 1
+    c.log_every, c.checkpoint_every, c.eval_batch_size = 2, 2, 48
+    c.validation, c.progress, c.augment.crop = "0.1", False, "pad"
+    for key, value in overrides.items():
+        c[key] = value
+    return c
+
+
+def _without_timings(result: dict) -> dict:
+    strip = [{k: v for k, v in r.items() if k not in TIMINGS} for r in result["runs"]]
+    chosen = [{k: v for k, v in r.items() if k not in TIMINGS} for r in result["chosen"]]
+    return {**result, "runs": strip, "chosen": chosen}
+
+
+def test_sweep_on_digits_writes_json_markdown_and_a_plot_with_one_point_per_patch(
+        tmp_path, capsys):
+    workdir = tmp_path / "sweep"
+    code = main([
+        "sweep", "--config", "configs/transfer.py:dataset=digits,resolution=32,num_steps=8,"
+        "batch_size=8", "--config.eval_batch_size=48", "--config.progress=false",
+        "--config.log_every=4", "--config.checkpoint_every=8", "--config.warmup_steps=1",
+        "--patches", "logits,stats+logits,scale_bias+logits", "--lrs", "x1,x3",
+        "--workdir", str(workdir),
+    ])
+    out = capsys.readouterr().out
+    assert code == 0 and "recommendation: `" in out
+    result = json.loads((workdir / "sweep.json").read_text())
+    assert result["status"] == "done" and len(result["runs"]) == 6
+    assert [r["patch"] for r in result["chosen"]] == ["logits", "stats+logits",
+                                                      "scale_bias+logits"]
+    for run in result["runs"]:
+        assert 0 <= run["val_accuracy"] <= 1 and run["trainable_parameters"] > 0
+        assert run["patch_file_bytes"] > 0 and run["train_seconds"] > 0
+    by_patch = {r["patch"]: r for r in result["chosen"]}
+    # The stats patch trains the head only, and carries every BN layer's statistics.
+    assert by_patch["stats+logits"]["trainable_parameters"] == \
+        by_patch["logits"]["trainable_parameters"]
+    assert by_patch["stats+logits"]["patch_statistics"] > 0 == by_patch["logits"][
+        "patch_statistics"]
+    assert by_patch["scale_bias+logits"]["learning_rates"]["scale_bias"] > \
+        by_patch["scale_bias+logits"]["learning_rates"]["logits"]
+    for r in result["chosen"]:  # The chosen run is the best on validation among its grid.
+        mine = [x["val_accuracy"] for x in result["runs"] if x["patch"] == r["patch"]]
+        assert r["val_accuracy"] == max(mine) and 0 <= r["test_accuracy"] <= 1
+    markdown = (workdir / "sweep.md").read_text()
+    assert result["recommendation"] in markdown and "★" in markdown
+    with Image.open(workdir / "sweep.png") as image:
+        assert image.format == "PNG" and image.size[0] > 300
+    figure = plot(result, str(tmp_path / "again.png"))
+    validation, test = figure.axes[0].collections[:2]
+    assert len(validation.get_offsets()) == len(test.get_offsets()) == 3
+
+
+def test_the_test_split_is_never_opened_before_the_final_evaluations(tmp_path, monkeypatch):
+    final = []
+    real_load, real_evaluate = kfor1.data.load_source, sweep_module.evaluate_workdir
+
+    def load_source(source, split, **kwargs):
+        if split == "test" and not final:
+            raise AssertionError(f"the test split of {source} was opened before the sweep's "
+                                 "final evaluations")
+        return real_load(source, split, **kwargs)
+
+    def evaluate_workdir(workdir, step=None):
+        final.append(Path(workdir).name)
+        return real_evaluate(workdir, step)
+
+    monkeypatch.setattr(kfor1.data, "load_source", load_source)
+    monkeypatch.setattr(sweep_module, "evaluate_workdir", evaluate_workdir)
+    result = sweep(_tiny_config(), str(tmp_path), "logits,scale_bias+logits", "x1,x3")
+    assert final == [r["run"] for r in result["chosen"]]  # Once per patch, its chosen run.
+    runs = tmp_path / "runs"
+    for run in result["runs"]:
+        summary = json.loads((runs / run["run"] / "summary.json").read_text())
+        assert "accuracy" not in summary["tasks"]["digits"] and "val_accuracy" in \
+            summary["tasks"]["digits"]
+
+
+def test_an_interrupted_sweep_resumes_to_the_same_sweep_json(tmp_path):
+    patches, lrs = "logits,scale_bias+logits", "x1,x3"
+    reference = sweep(_tiny_config(), str(tmp_path / "whole"), patches, lrs)
+    parts = str(tmp_path / "parts")
+    # Killed between runs (before the second starts), then during the third (after step 2).
+    assert sweep(_tiny_config(), parts, patches, lrs, stop_at=(1, None)) == {
+        "stopped_at": {"run": 1}}
+    assert sweep(_tiny_config(), parts, patches, lrs, stop_at=(2, 2)) == {
+        "stopped_at": {"run": 2, "step": 2}}
+    resumed = sweep(_tiny_config(), parts, patches, lrs)
+    assert _without_timings(resumed) == _without_timings(reference)
+    on_disk = json.loads((Path(parts) / "sweep.json").read_text())
+    assert _without_timings(on_disk) == _without_timings(reference)
+
+
+def test_a_sweep_directory_of_another_sweep_is_refused(tmp_path):
+    sweep(_tiny_config(num_steps=2), str(tmp_path), "logits", "x1")
+    with pytest.raises(SweepError, match="holds a sweep of other patches"):
+        sweep(_tiny_config(num_steps=2), str(tmp_path), "logits", "x1,x3")
+
+
+def test_pareto_front_keeps_what_nothing_smaller_beats():
+    rows = [{"patch": p, "trainable_parameters": n, "val_accuracy": a}
+            for p, n, a in [("a", 10, 0.5), ("b", 20, 0.4), ("c", 30, 0.7), ("d", 10, 0.5)]]
+    assert pareto_front(rows) == ["a", "d", "c"]
+
+
+def test_grids_and_patch_lists_parse():
+    assert [p.text for p in parse_grid("auto")] == ["x0.33", "x1", "x3"]
+    assert [p.value for p in parse_grid("1e-3, 1e-2")] == [1e-3, 1e-2]
+    assert parse_patches(" logits , scale_bias+logits ") == ("logits", "scale_bias+logits")
+
+
+def _one_class_alone(root: Path) -> Path:
+    import numpy as np
+
+    for split, counts in (("train", {"ok": 4, "alone": 1}), ("test", {"ok": 2, "alone": 2})):
+        for name, n in counts.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(
+                    root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--patches", "logits,nope"], "--patches: unknown patch preset 'nope'"),
+    (["--patches", ""], "--patches is empty"),
+    (["--patches", "stats"], "'stats' trains no classifier"),
+    (["--lrs", ""], "--lrs is empty"),
+    (["--lrs", "x1,1e-3"], "mixes factors"),
+    (["--lrs", "fast"], "'fast' is neither a learning rate"),
+    (["--lrs", "x0"], "'x0' must be a positive number"),
+    (["--config.validation=1.5"], "config.validation='1.5'"),
+    (["--config.validation=0"], None),  # Filled in below: the sweep holds 0.1 out itself.
+    (["--config.num_steps=0"], "config.num_steps=0 must be at least 1"),
+])
+def test_bad_sweep_input_is_one_line_before_training(args, fragment, tmp_path, capsys,
+                                                     monkeypatch):
+    if fragment is None:  # No error: the note, then (the training here replaced) a sweep.
+        monkeypatch.setattr(sweep_module, "_sweep", lambda *a: {"recommendation": "ok"})
+    config = "configs/transfer.py:dataset=digits,resolution=32"
+    code = main(["sweep", "--config", config, "--workdir", str(tmp_path / "w"), *args])
+    captured = capsys.readouterr()
+    if fragment is None:
+        assert code == 0 and "holds 0.1 of the train split out" in captured.out
+        return
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and fragment in lines[0], captured.err
+    assert not (tmp_path / "w" / "runs").exists()
+
+
+def test_a_class_the_validation_split_would_miss_is_one_line(tmp_path, capsys):
+    folder = _one_class_alone(tmp_path / "data")
+    code = main(["sweep", "--config", f"configs/transfer.py:dataset=folder:{folder}",
+                 "--config.model=tests.user_model:factory", "--config.batch_size=8",
+                 "--config.eval_batch_size=8", "--patches", "logits",
+                 "--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "class 'alone' has a single training example" in \
+        err[0]
+
+
+def test_a_multitask_config_is_refused(tmp_path, capsys):
+    code = main(["sweep", "--config", "configs/multitask.py", "--workdir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "takes a config with one task" in err
