@@ -83,9 +83,10 @@ def _run_sweep(argv: Sequence[str]) -> int:
     from kfor1.sweep import DEFAULT_PATCHES, sweep
 
     config, v = parse_config_args(argv, "sweep", SWEEP_EXAMPLE,
-                                  strings=("workdir", "patches", "lrs"))
+                                  strings=("workdir", "patches", "lrs"),
+                                  required="--config and --workdir are required")
     if not v["workdir"]:
-        raise ConfigError(f"--workdir is required; e.g. {SWEEP_EXAMPLE}")
+        raise ConfigError(f"--config and --workdir are required; e.g. {SWEEP_EXAMPLE}")
     logging.set_verbosity(logging.WARNING)
     result = sweep(config, v["workdir"], DEFAULT_PATCHES if v["patches"] is None
                    else v["patches"], "auto" if v["lrs"] is None else v["lrs"])

@@ -34,10 +34,12 @@ def _flag_message(exc: BaseException) -> str:
 def parse_config_args(
     argv: Sequence[str], command: str, example: str, strings: Sequence[str] = (),
     integers: Sequence[str] = (), booleans: Sequence[str] = (),
+    required: str = "--config is required",
 ) -> tuple[Any, dict[str, Any]]:
     """``(config, values)`` from a command's absl flags: ``--config FILE[:ARGS]``, its
     ``--config.KEY=VALUE`` overrides, and the named string, integer and boolean flags (None or
-    False when not given; a dash in a flag is also spelled as an underscore).
+    False when not given; a dash in a flag is also spelled as an underscore). ``required`` is
+    the error when ``--config`` is missing.
 
     Raises ``kfor1.config.ConfigError`` for an unknown or unparsable flag, a config file that
     fails to load, or an unknown config field.
@@ -71,7 +73,7 @@ def parse_config_args(
     if rest[1:]:
         raise ConfigError(f"unexpected arguments {rest[1:]}; e.g. {example}")
     if value is None:
-        raise ConfigError(f"--config is required; e.g. {example}")
+        raise ConfigError(f"{required}; e.g. {example}")
     return value, {name: flag.value for name, flag in defined.items()}
 
 
@@ -85,7 +87,8 @@ def parse_train_args(argv: Sequence[str]) -> tuple[Any, str | None, int | None, 
     from kfor1.config import ConfigError
 
     config, v = parse_config_args(argv, "train", TRAIN_EXAMPLE, strings=("workdir",),
-                                  integers=("stop_at_step",), booleans=("dry_run",))
+                                  integers=("stop_at_step",), booleans=("dry_run",),
+                                  required="--config and --workdir are required")
     if not (v["workdir"] or v["dry_run"]):
         raise ConfigError(f"--config and --workdir are required; e.g. {TRAIN_EXAMPLE}")
     return config, v["workdir"], v["stop_at_step"], v["dry_run"]

@@ -189,3 +189,17 @@ def test_a_multitask_config_is_refused(tmp_path, capsys):
     code = main(["sweep", "--config", "configs/multitask.py", "--workdir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "takes a config with one task" in err
+
+
+def test_launch_sweep_is_kfor1_sweep(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "launch.sweep", "--config", "configs/transfer.py", "--patches",
+         "logits,nope", "--workdir", str(tmp_path)], cwd=repo, capture_output=True, text=True,
+        timeout=300)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert "unknown patch preset 'nope'" in lines[0] and "Traceback" not in done.stderr
