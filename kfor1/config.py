@@ -60,7 +60,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.skip_bad_images = False
     # A fraction (e.g. "0.1") of each task's train split held out, stratified and seeded: the
     # periodic evaluations (eval_every) read it, and the test split is read only at the end.
-    # '' = none (periodic evaluations then read the test split).
+    # 'split': the source's own validation split (a folder's val/, a tfds dataset's validation
+    # split or the third split of tfds:NAME:TRAIN:TEST:VALIDATION). '' = none (periodic
+    # evaluations then read the test split).
     c.validation = ""
     # False: the run never opens the test split, and its final evaluation reads the validation
     # split (kfor1 sweep's runs: the test split is read once, for the chosen runs, at the end).

@@ -185,7 +185,12 @@ def _load_task(
             class_names=pinned, skip_bad_images=skip)
         skipped.update(train_info.skipped)
         fraction = kdata.parse_validation(config.validation)
-        if fraction:
+        if fraction == kdata.VALIDATION_SPLIT:  # The source's own (a folder's val/).
+            val_ds, _ = kdata.load_source(
+                t.dataset, "validation", data_dir=data_dir, class_names=train_info.class_names,
+                skip_bad_images=skip)
+            n_train, n_val = train_info.num_examples["train"], int(val_ds.cardinality())
+        elif fraction:
             train_ds, val_ds, n_train, n_val = kdata.hold_out(train_ds, fraction, config.seed,
                                                             train_info.class_names)
     if train and not config.evaluate_test:  # The test split stays closed (kfor1 sweep).

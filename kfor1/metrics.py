@@ -97,7 +97,8 @@ def summary(
     results: Mapping[str, Mapping[str, float]] | None, num_classes: Mapping[str, int],
     patch_files: Mapping[str, Mapping[str, Any]],
     skipped_images: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
-    validation: Mapping[str, Mapping[str, float]] | None = None, validation_fraction: float = 0.0,
+    validation: Mapping[str, Mapping[str, float]] | None = None,
+    validation_fraction: float | str = 0.0,
 ) -> dict[str, Any]:
     """The run's ``summary.json``: per task its eval results, class count and patch file
     (``kfor1.patchfile.describe``), the images it left out per split (``skipped_images``:
@@ -121,8 +122,10 @@ def summary(
         for name, t in tasks.items():
             t["val_accuracy"] = validation[name]["accuracy"]
             t["val_loss"] = validation[name]["loss"]
-        splits["val_accuracy"] = (f"validation: {validation_fraction:g} of train, stratified "
-                                  "and seeded, held out of training")
+        splits["val_accuracy"] = (
+            "validation: the source's own validation split" if isinstance(validation_fraction, str)
+            else f"validation: {validation_fraction:g} of train, stratified and seeded, held out "
+            "of training")
     return {
         "model": model,
         "splits": splits,

@@ -85,3 +85,63 @@ def test_without_validation_the_summary_says_accuracy_is_on_test(trained_run):
     _, summary = trained_run
     assert summary["splits"] == {"accuracy": "test"}
     assert "val_accuracy" not in summary["tasks"]["colours"]
+
+
+# ---------------------------------------------------- config.validation='split': the source's own
+
+
+def _with_val(root, classes=("red", "green", "blue")):
+    from tiny_runs import write_folder
+
+    write_folder(root)
+    write_folder(root / "_val", classes=classes, per_class=3)
+    (root / "_val" / "train").rename(root / "val")
+    return root
+
+
+def test_a_folders_val_split_is_the_validation_split(tmp_path):
+    from kfor1.experiment import setup
+
+    folder = _with_val(tmp_path / "data")
+    c = run_config(folder, validation="split")
+    c.tasks = [c.tasks[1]]
+    (t,) = setup(c).tasks
+    assert t.info.num_examples == {"train": 18, "test": 18, "validation": 9}
+    labels = sorted(int(x["label"]) for x in t.val.as_numpy_iterator())
+    assert labels == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert int(t.train.cardinality()) == 18  # Nothing held out of train.
+
+
+def test_a_val_split_missing_a_class_is_named(tmp_path):
+    from kfor1.experiment import setup
+
+    folder = _with_val(tmp_path / "data", classes=("red", "green"))
+    c = run_config(folder, validation="split")
+    c.tasks = [c.tasks[1]]
+    with pytest.raises(DataError, match=r"missing in validation: blue; .* needs a folder of "
+                       "images for every class of train"):
+        setup(c)
+
+
+def test_sources_without_a_validation_split_say_what_to_do(tmp_path, colours):
+    from kfor1.data import load_source
+
+    with pytest.raises(DataError, match="no validation split of its own .* config.validation=0.1"):
+        load_source("digits", "validation")
+    with pytest.raises(DataError, match="has no val/ folder"):
+        load_source(f"folder:{colours}", "validation")
+    assert parse_validation("split") == "split"
+
+
+def test_a_tfds_validation_split_is_named_or_the_datasets_own():
+    import tensorflow_datasets as tfds
+
+    from kfor1.data import load_source
+    from kfor1.data.tfds_source import parse_tfds
+
+    assert parse_tfds("dtd:train[:80%]:test:train[80%:]").validation_split == "train[80%:]"
+    with tfds.testing.mock_data(num_examples=4, policy=tfds.testing.MockPolicy.USE_CODE):
+        ds, info = load_source("tfds:oxford_flowers102:train:test:validation", "validation")
+        assert info.num_examples["validation"] == 4 and len(list(ds)) == 4
+        with pytest.raises(DataError, match="no validation split apart from its test split"):
+            load_source("tfds:oxford_flowers102:train:validation:validation", "validation")

@@ -15,6 +15,7 @@ from kfor1.data.info import DatasetInfo
 from kfor1.data.pipeline import eval_batches, multitask_train_batches, stack_tasks, train_batches
 from kfor1.data.sources import SOURCE_FORMS, load_source, validate_folder
 from kfor1.data.transforms import Augment
+from kfor1.data.validation import SPLIT as VALIDATION_SPLIT
 from kfor1.data.validation import hold_out, parse_validation
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "load_source",
     "multitask_train_batches",
     "parse_validation",
+    "VALIDATION_SPLIT",
     "stack_tasks",
     "train_batches",
     "validate_folder",

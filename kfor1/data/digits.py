@@ -11,6 +11,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from kfor1.data._tf import tf
+from kfor1.data.errors import DataError
 from kfor1.data.info import DatasetInfo
 
 __all__ = ["digits_arrays", "load_digits_source"]
@@ -32,6 +33,10 @@ def digits_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def load_digits_source(split: str, *, name: str) -> tuple[tf.data.Dataset, DatasetInfo]:
     """The digits split as ``{"image", "label"}`` examples (already pixels: nothing to decode)."""
+    if split == "validation":
+        raise DataError("the digits source has no validation split of its own "
+                        "(config.validation='split'); hold a fraction of train out instead, "
+                        "e.g. config.validation=0.1")
     arrays = digits_arrays()
     images, labels = arrays[split]
     ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})

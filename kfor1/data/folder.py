@@ -1,4 +1,6 @@
-"""Images on disk in the ImageFolder layout ``ROOT/{train,test}/<class_name>/*.jpg``.
+"""Images on disk in the ImageFolder layout ``ROOT/{train,test}/<class_name>/*.jpg``, and
+optionally ``ROOT/val/`` (or ``ROOT/validation/``): the 'validation' split of
+``config.validation='split'``.
 
 The layout is checked up front and every problem is one ``DataError`` that names the fix, so a
 mistyped path or a stray empty folder fails in the first second rather than deep inside a
@@ -21,7 +23,8 @@ from kfor1.data.info import DatasetInfo
 __all__ = ["IMAGE_EXTENSIONS", "FolderSplit", "list_split", "load_folder", "validate_folder"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-SPLITS = ("train", "test")
+SPLITS = ("train", "test", "validation")
+VALIDATION_DIRS = ("val", "validation")  # The 'validation' split's folder, the first found.
 _SHOWN = 5  # Names shown in an error message before "and N more".
 
 
@@ -64,6 +67,13 @@ def list_split(root: str | os.PathLike, split: str) -> FolderSplit:
     if not root.is_dir():
         raise DataError(f"no such dataset folder {root}; expected {_expected(root)}")
     split_dir = root / split
+    if split == "validation":
+        found = [root / d for d in VALIDATION_DIRS if (root / d).is_dir()]
+        if not found:
+            raise DataError(f"dataset folder {root} has no val/ folder for the validation split "
+                            f"(config.validation='split'); expected {_expected(root, 'val')}, "
+                            "or hold a fraction of train out (config.validation=0.1)")
+        split_dir = found[0]
     if not split_dir.is_dir():
         raise DataError(
             f"dataset folder {root} has no {split!r} split folder; "
@@ -173,6 +183,8 @@ def load_folder(
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     root = Path(path).expanduser()
     chosen = list_split(root, split)
+    if class_names is None and split == "validation":
+        class_names = list_split(root, "train").class_names
     if class_names is None:
         other = list_split(root, "test" if split == "train" else "train")
         train, test = (chosen, other) if split == "train" else (other, chosen)
@@ -181,6 +193,12 @@ def load_folder(
         class_names = train.class_names
         sizes = {"train": len(train.files), "test": len(test.files)}
     else:
+        if split == "validation":
+            check_classes(chosen.class_names, tuple(class_names),
+                          where=str(Path(chosen.files[0]).parent.parent), short="validation",
+                          against="the train split",
+                          fix="the validation folder needs a folder of images for every class "
+                          "of train")
         check_classes(chosen.class_names, tuple(class_names), where=f"{root}/{split}",
                       short=split, against="the run's classes",
                       fix="restore the class folders the run was trained on")

@@ -5,7 +5,7 @@
 - ``digits``: scikit-learn's 8x8 handwritten digits (no download).
 
 Every source yields ``{"image": uint8 (H, W, 3), "label": int64}`` and has the splits 'train'
-and 'test'.
+and 'test'; folders (``val/``) and tfds datasets may have a 'validation' split too.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from kfor1.data.tfds_source import load_tfds
 
 __all__ = ["SOURCE_FORMS", "DataError", "DatasetInfo", "load_source", "validate_folder"]
 
-SOURCE_FORMS = ("tfds:NAME", "tfds:NAME:TRAIN_SPLIT:TEST_SPLIT", "folder:PATH", "digits")
+SOURCE_FORMS = ("tfds:NAME", "tfds:NAME:TRAIN_SPLIT:TEST_SPLIT[:VALIDATION_SPLIT]",
+                "folder:PATH", "digits")
 
 
 def load_source(
@@ -33,7 +34,7 @@ def load_source(
     decode: bool = True,
     class_names: tuple[str, ...] | None = None,
 ) -> tuple[tf.data.Dataset, DatasetInfo]:
-    """The ``split`` ('train' or 'test') of ``source`` and what it holds.
+    """The ``split`` ('train', 'test' or 'validation') of ``source`` and what it holds.
 
     ``data_dir`` is the tensorflow-datasets directory (None: its default). ``seed`` fixes the
     order of a folder's train files. ``check_images`` decodes a folder split once up front and

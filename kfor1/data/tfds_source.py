@@ -1,7 +1,9 @@
-"""tensorflow-datasets sources, named ``tfds:NAME`` or ``tfds:NAME:TRAIN_SPLIT:TEST_SPLIT``.
+"""tensorflow-datasets sources, named ``tfds:NAME`` or ``tfds:NAME:TRAIN:TEST[:VALIDATION]``.
 
-Our two splits, 'train' and 'test', map to a dataset's own split expressions, e.g.
-``tfds:oxford_flowers102:train+validation:test`` or ``tfds:dtd:train[:80%]:train[80%:]``.
+Our splits, 'train', 'test' and (for ``config.validation='split'``) 'validation', map to a
+dataset's own split expressions, e.g. ``tfds:oxford_flowers102:train:test:validation`` or
+``tfds:dtd:train[:80%]:test:train[80%:]``; without a third expression, 'validation' is the
+dataset's own validation split.
 Nothing is downloaded here: a dataset that is not prepared is a ``DataError`` saying how to
 prepare it, since training machines often have no internet.
 """
@@ -21,7 +23,7 @@ from kfor1.data.info import DatasetInfo
 __all__ = ["TfdsSpec", "load_tfds", "parse_tfds"]
 
 _VERSION = re.compile(r"^\d+\.(\d+|\*)\.(\d+|\*)$")
-_FORMS = "tfds:NAME or tfds:NAME:TRAIN_SPLIT:TEST_SPLIT"
+_FORMS = "tfds:NAME or tfds:NAME:TRAIN_SPLIT:TEST_SPLIT[:VALIDATION_SPLIT]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +33,7 @@ class TfdsSpec:
     name: str
     train_split: str | None = None
     test_split: str | None = None
+    validation_split: str | None = None
 
 
 def _split_colons(text: str) -> list[str]:
@@ -49,7 +52,7 @@ def parse_tfds(rest: str) -> TfdsSpec:
     parts = _split_colons(rest)
     if len(parts) > 1 and _VERSION.match(parts[1]):
         parts = [f"{parts[0]}:{parts[1]}", *parts[2:]]
-    if not parts[0] or len(parts) > 3 or not all(parts):
+    if not parts[0] or len(parts) > 4 or not all(parts):
         raise DataError(f"cannot parse source 'tfds:{rest}'; expected {_FORMS}")
     return TfdsSpec(*parts)
 
@@ -74,8 +77,9 @@ def _not_prepared(name: str, root: str) -> DataError:
     )
 
 
-def _splits(builder, spec: TfdsSpec) -> dict[str, str]:
-    """Our split names to the dataset's; 'test' falls back to 'validation' if there is none."""
+def _splits(builder, spec: TfdsSpec, validation: bool = False) -> dict[str, str]:
+    """Our split names to the dataset's; 'test' falls back to 'validation' if there is none.
+    With ``validation``, 'validation' too (the dataset's own, unless the spec names one)."""
     known = set(builder.info.splits.keys())  # Empty when metadata is absent (e.g. mocked).
     test = spec.test_split
     if test is None:
@@ -88,7 +92,16 @@ def _splits(builder, spec: TfdsSpec) -> dict[str, str]:
                     f"tfds:{spec.name}:TRAIN_SPLIT:TEST_SPLIT"
                 )
             test = "validation"
-    return {"train": spec.train_split or "train", "test": test}
+    splits = {"train": spec.train_split or "train", "test": test}
+    if validation:
+        own = spec.validation_split or "validation"
+        if own == test or (spec.validation_split is None and known and own not in known):
+            raise DataError(
+                f"tensorflow-datasets {spec.name!r} has no validation split apart from its test "
+                f"split ({test!r}); name one, e.g. tfds:{spec.name}:train[:90%]:{test}:"
+                "train[90%:], or hold a fraction of train out (config.validation=0.1)")
+        splits["validation"] = own
+    return splits
 
 
 def _read(builder, spec: TfdsSpec, tfds_split: str) -> tf.data.Dataset:
@@ -135,7 +148,7 @@ def load_tfds(
             f"tensorflow-datasets {spec.name!r} has no 'image' feature with a class 'label' "
             f"(features: {', '.join(features.keys())}); only image classification is supported"
         )
-    splits = _splits(builder, spec)
+    splits = _splits(builder, spec, validation=split == "validation")
     ds = _read(builder, spec, splits[split])
     ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
     if decode:

@@ -16,14 +16,21 @@ import numpy as np
 from kfor1.data._tf import tf
 from kfor1.data.errors import DataError
 
-__all__ = ["parse_validation", "hold_out"]
+__all__ = ["SPLIT", "parse_validation", "hold_out"]
 
 
-def parse_validation(value: str | float) -> float:
-    """``config.validation`` as a fraction: '' or 0 -> 0.0 (none), '0.1' -> 0.1; anything
-    else is a ``DataError`` that says what is accepted."""
+SPLIT = "split"  # config.validation: the source's own validation split (a folder's val/).
+
+
+def parse_validation(value: str | float) -> float | str:
+    """``config.validation``: '' or 0 -> 0.0 (none), '0.1' -> 0.1 (a fraction of train held
+    out), 'split' -> 'split' (the source's own validation split: a folder's ``val/``, a tfds
+    dataset's validation split); anything else is a ``DataError`` that says what is
+    accepted."""
     if value in ("", None):
         return 0.0
+    if value == SPLIT:
+        return SPLIT
     try:
         fraction = float(value)
     except (TypeError, ValueError):
@@ -32,8 +39,9 @@ def parse_validation(value: str | float) -> float:
         return 0.0
     if not 0.0 < fraction < 1.0:
         raise DataError(f"config.validation={value!r}: give the fraction of each task's train "
-                        "split to hold out for validation, between 0 and 1 (e.g. 0.1), or '' "
-                        "for none")
+                        "split to hold out for validation, between 0 and 1 (e.g. 0.1), 'split' "
+                        "for the source's own validation split (a folder's val/), or '' for "
+                        "none")
     return fraction
 
 
