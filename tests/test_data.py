@@ -303,8 +303,9 @@ def test_unchecked_corrupt_images_are_skipped_by_the_pipelines(folder):
 def test_unknown_source_and_split_are_data_errors():
     with pytest.raises(DataError, match=r"tfds:NAME.*folder:PATH.*digits"):
         load_source("imagenet", "train")
-    with pytest.raises(DataError, match="unknown split 'validation'"):
-        load_source("digits", "validation")
+    with pytest.raises(DataError, match="unknown split 'val'; use one of train, test, "
+                       "validation"):
+        load_source("digits", "val")
 
 
 # ----------------------------------------------------------------------------- real data
@@ -442,8 +443,9 @@ def test_tfds_source_parsing():
         "train",
         "validation",
     )
+    assert parse_tfds("a:b:c:d").validation_split == "d"
     with pytest.raises(DataError, match="cannot parse"):
-        parse_tfds("a:b:c:d")
+        parse_tfds("a:b:c:d:e")
 
 
 class Kfor1TinyGray(tfds.core.GeneratorBasedBuilder):
