@@ -221,30 +221,24 @@ def claims(t: dict, m: dict, r: dict) -> list[str]:
              "hold* when the difference exceeds two standard errors of the test accuracies "
              "(one seed, binomial noise), *not told apart* otherwise.", ""]
 
-    def pair(a: dict, b: dict) -> tuple[float, int]:
-        return a["test_accuracy"] - b["test_accuracy"], min(a["test_examples"],
-                                                             b["test_examples"])
-
-    if "scale_bias+logits" in t and "logits" in t:
-        sb, lo = t["scale_bias+logits"], t["logits"]
-        diff, n = pair(sb, lo)
-        lines.append(f"- A scale-and-bias patch beats training the last layer alone: "
-                     f"{_verdict(diff, n, better=True)} ({_pct(sb['test_accuracy'])} against "
-                     f"{_pct(lo['test_accuracy'])}, for {sb['percent_of_model']:.2f}% against "
-                     f"{lo['percent_of_model']:.2f}% of the parameters).")
-    if "full" in t and "depthwise+scale_bias+logits" in t:
-        dw, full = t["depthwise+scale_bias+logits"], t["full"]
-        diff, n = pair(dw, full)
-        lines.append(f"- Depthwise + S/B + logits is as good as full fine-tuning with under 10% "
-                     f"of the parameters: {_verdict(diff, n, better=False)} "
-                     f"({_pct(dw['test_accuracy'])} against {_pct(full['test_accuracy'])}, "
-                     f"{dw['percent_of_model']:.1f}% of the parameters).")
-    if "stats+logits" in t and "logits" in t:
-        st, lo = t["stats+logits"], t["logits"]
-        diff, n = pair(st, lo)
-        lines.append(f"- (AdaBN, cited by the paper) each task's own BatchNorm statistics help a "
-                     f"linear head: {_verdict(diff, n, better=True)} "
-                     f"({_pct(st['test_accuracy'])} against {_pct(lo['test_accuracy'])}).")
+    transfer_claims = (
+        ("A scale-and-bias patch beats training the last layer alone", "scale_bias+logits",
+         "logits", True),
+        ("Depthwise + S/B + logits is as good as full fine-tuning with under 10% of the "
+         "parameters", "depthwise+scale_bias+logits", "full", False),
+        ("(AdaBN, cited by the paper) each task's own BatchNorm statistics help a linear head",
+         "stats+logits", "logits", True),
+    )
+    for claim, a_name, b_name, better in transfer_claims:
+        if a_name not in t or b_name not in t:
+            continue
+        a, b = t[a_name], t[b_name]
+        diff = a["test_accuracy"] - b["test_accuracy"]
+        n = min(a["test_examples"], b["test_examples"])
+        lines.append(f"- {claim}: {_verdict(diff, n, better=better)} "
+                     f"({_pct(a['test_accuracy'])} against {_pct(b['test_accuracy'])}, for "
+                     f"{a['percent_of_model']:.2f}% against {b['percent_of_model']:.2f}% of "
+                     "the parameters).")
     f, j = m["frozen"], m["joint"]
     lines.append(f"- K tasks with a frozen backbone in one step lose nothing against each alone "
                  f"(by construction: the step is K independent single-task steps, "
