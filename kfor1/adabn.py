@@ -29,6 +29,11 @@ from kfor1.step import make_stats_step, resolution_groups
 from kfor1.tree import flatten, leaf_name, unflatten
 
 
+def _mean_of(var_path: str) -> str:
+    """``a/b/var`` -> ``a/b/mean``: the mean beside a variance."""
+    return var_path[: -len("var")] + "mean"
+
+
 def _fill(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A last, padded batch with its padding replaced by repeats of its real images, so the
     batch statistics are those of real images only."""
@@ -93,7 +98,7 @@ def reestimate_stats(
         for path, value in out.items():
             value = np.asarray(value, np.float64)
             if leaf_name(path) == "var":  # Pooled as E[x^2]: variance plus squared mean.
-                value = value + np.asarray(out[path[: -len("var")] + "mean"], np.float64) ** 2
+                value = value + np.asarray(out[_mean_of(path)], np.float64) ** 2
             w = weights.reshape((-1,) + (1,) * (value.ndim - 1))
             sums[path] = sums.get(path, 0.0) + w * value
         counts += weights
@@ -103,7 +108,7 @@ def reestimate_stats(
         c = counts.reshape((-1,) + (1,) * (flat[path].ndim - 1))
         value = sums[path] / c
         if leaf_name(path) == "var":
-            mean = sums[path[: -len("var")] + "mean"] / c
+            mean = sums[_mean_of(path)] / c
             value = np.maximum(value - mean**2, 0.0)
         sharding = getattr(flat[path], "sharding", None)
         value = jnp.asarray(value, flat[path].dtype)
