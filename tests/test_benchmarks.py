@@ -46,13 +46,14 @@ def test_suite_tiny(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("jax device: ") and "load average" in out
     results = json.loads(out_json.read_text())
-    assert set(results["sections"]) == set(suite.SECTIONS)
+    [cell] = results["cells"]
+    assert set(cell["sections"]) == set(suite.SECTIONS)
     for name in suite.SECTIONS:
         assert f"(`{name}`)" in out, name
-    checks = results["checks"]
+    checks = cell["checks"]
     assert checks["torch_exact_max_abs_diff"] < 1e-3
     assert checks["torch_fast_max_abs_diff"] > 10 * checks["torch_exact_max_abs_diff"]
-    sections = results["sections"]
+    sections = cell["sections"]
     assert sections["patch_step"]["ratio"] > 0 and sections["inference"]["ratio"] > 0
     assert sections["full_step"]["patch_vs_full"] > 0
     assert sorted(int(k) for k in sections["k_tasks"]["by_k"]) == [1, 2]
@@ -66,24 +67,47 @@ def test_suite_tiny(tmp_path, capsys):
     assert sections["flops"]["matmul_peak"]["jnp.dot"]["gflops"] > 0
 
 
-def test_suite_tiny_on_the_papers_base(tmp_path, capsys):
-    """``--model mobilenet_v2``: torchvision's network (padding inside the convolutions is its
-    exact definition) computes kfor1's on the packaged ImageNet checkpoint, and the training
-    and inference sections run."""
+def test_suite_tiny_grid_on_the_papers_base(tmp_path, capsys):
+    """``--model mobilenet_v2 --precision float32,bfloat16``: a grid of two cells. torchvision's
+    network (padding inside the convolutions is its exact definition) computes kfor1's on the
+    packaged ImageNet checkpoint; both precisions train and infer; the summary has a row per
+    cell."""
     if str(BENCHMARKS.parent) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS.parent))
     suite = importlib.import_module("benchmarks.suite")
     out_json = tmp_path / "suite.json"
-    assert suite.main(["--tiny", "--model", "mobilenet_v2", "--only", "patch_step,inference",
-                       "--json", str(out_json)]) == 0
+    assert suite.main(["--tiny", "--model", "mobilenet_v2", "--precision", "float32,bfloat16",
+                       "--only", "patch_step,inference", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
-    assert "mobilenet_v2, 32 px" in out and "torchvision's own" in out
+    assert "mobilenet_v2, 32 px, batch 2, float32" in out and "torchvision's own" in out
+    assert "mobilenet_v2, 32 px, batch 2, bfloat16" in out
     results = json.loads(out_json.read_text())
-    assert results["checks"]["torch_exact_max_abs_diff"] < 1e-3
-    assert results["checks"]["torch_fast_max_abs_diff"] < 1e-3
-    timings = results["sections"]["inference"]["timings"]
-    assert sum(name.startswith("torch") for name in timings) == 1  # Exact and fast: one model.
-    assert results["sections"]["patch_step"]["ratio"] > 0
+    assert [c["config"]["precision"] for c in results["cells"]] == ["float32", "bfloat16"]
+    for cell in results["cells"]:
+        assert cell["checks"]["torch_exact_max_abs_diff"] < 1e-3
+        assert cell["checks"]["torch_fast_max_abs_diff"] < 1e-3
+        timings = cell["sections"]["inference"]["timings"]
+        assert sum(name.startswith("torch") for name in timings) == 1  # Exact and fast: one.
+        assert cell["sections"]["patch_step"]["ratio"] > 0
+    summary = results["summary"].splitlines()
+    assert len(summary) == 4 and summary[2].startswith("| mobilenet_v2 | 32 | 2 | float32 |")
+    assert "# Summary" in out and results["summary"] in out
+
+
+def test_suite_refuses_bad_grids(capsys):
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    suite = importlib.import_module("benchmarks.suite")
+    for argv, message in ((["--model", "resnet"], "--model"), (["--precision", "fp8"], "fp8"),
+                          (["--ks", "2,4"], "--ks must start with 1"),
+                          (["--batch", "0"], "must be positive")):
+        try:
+            suite.parse_args(argv)
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(argv)
+        assert message in capsys.readouterr().err, argv
 
 
 def test_serve_benchmark_tiny(tmp_path, capsys):
@@ -134,3 +158,24 @@ def test_fault_matrix_counts_and_its_checks(tmp_path):
         assert e.code == 2
     else:
         raise AssertionError("an unknown case must be refused")
+
+
+def test_device_check_on_the_cpu(tmp_path, capsys):
+    """``benchmarks/device_check.py`` (the GPU script's first stage) refuses the CPU unless
+    told, and with ``--allow-cpu`` runs its checks here: the CPU-only paths are on (as expected
+    on a CPU), the compiled steps call kfor1's CPU kernels, and a K = 3 step with three class
+    counts equals three single-task steps to 1e-5."""
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    check = importlib.import_module("benchmarks.device_check")
+    assert check.main([]) == 2
+    assert "this check is for a GPU or TPU" in capsys.readouterr().err
+    out_json = tmp_path / "check.json"
+    assert check.main(["--allow-cpu", "--resolution", "64", "--specs", "scale_bias+logits",
+                       "--precisions", "float32", "--json", str(out_json)]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("device check: passed")
+    results = json.loads(out_json.read_text())
+    assert results["cpu_paths"]["ok"] and results["failures"] == []
+    found = results["scale_bias+logits at float32 precision"]
+    assert max(found["errors"].values()) <= 1e-5
+    assert "kfor1_depthwise_conv" in found["kernel_calls"]
