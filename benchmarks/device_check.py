@@ -31,7 +31,6 @@ Prints one line per check and ``device check: passed`` (exit 0) or the failures 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -49,6 +48,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import kfor1  # noqa: E402
+from benchmarks.jsonfile import write_json  # noqa: E402
 from kfor1.layers import native  # noqa: E402
 from kfor1.layers.padding import resolve_impl  # noqa: E402
 from kfor1.microbatch import resolve_micro_batch, resolve_task_chunk  # noqa: E402
@@ -220,10 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not calls_ok:
                 failures.append(f"CPU kernels, {label}")
     results["failures"] = failures
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
+    write_json(args.json, results)
     print("device check: " + ("passed" if not failures else f"FAILED: {failures}"), flush=True)
     return 0 if not failures else 1
 

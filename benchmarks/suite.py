@@ -53,7 +53,10 @@ import itertools
 import json
 import os
 import platform
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,9 +68,9 @@ if str(ROOT) not in sys.path:  # ``python benchmarks/suite.py``, or loaded from 
 
 import flax  # noqa: E402
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.jsonfile import write_json  # noqa: E402
 from benchmarks.suite_bench import MODELS, Bench, torch_device  # noqa: E402
 from benchmarks.suite_sections import (  # noqa: E402
     PRESETS,
@@ -119,12 +122,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="seconds of idle before each repetition, so that the worker "
                         "threads of the workload before (PyTorch's OpenMP, XLA's pool) stop "
                         "spinning: without it kfor1's inference ran at 772 img/s, with it 976")
+    parser.add_argument("--keep-heap", action="store_true",
+                        help="do not return freed memory to the OS between workloads (the "
+                        "suite's method before 2026-12-04: kfor1's and PyTorch's buffers then "
+                        "share one fragmented heap; see benchmarks/README.md)")
     parser.add_argument("--matmul-size", type=int, default=None,
                         help="side of the peak's square matmul (default 2048 on a CPU, 8192 on "
                         "an accelerator)")
     parser.add_argument("--only", type=_list(str, SECTIONS), default=list(SECTIONS),
                         help=f"sections, from {','.join(SECTIONS)}")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every cell in this process (by default a grid of several "
+                        "cells runs each in a fresh one: its memory is the cell's alone, and a "
+                        "cell that fails, out of memory say, is reported and the grid goes on)")
+    parser.add_argument("--cell-json", metavar="PATH", help=argparse.SUPPRESS)  # One cell's.
     parser.add_argument(
         "--tiny", action="store_true",
         help="32 px, batch 2, K=1,2, 1 step, 1 warmup, 1 repeat, unoptimised XLA compilation: "
@@ -163,7 +175,7 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
         "jax_device": str(jax.devices()[0]), "jax_platform": jax.devices()[0].platform,
         "jax_device_kind": jax.devices()[0].device_kind, "torch_device": str(device),
         "torch_device_name": (torch.cuda.get_device_name() if device.type == "cuda"
-                              else platform.processor()),
+                              else platform.processor() or "cpu"),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "jax_version": jax.__version__,
         "flax_version": flax.__version__, "torch_version": torch.__version__,
@@ -182,7 +194,7 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
           f"{args.settle} untimed + {args.steps} training / {args.infer_steps} inference steps",
           flush=True)
     cell: dict[str, Any] = {
-        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "cell_json")},
         "load_average_before": os.getloadavg(), "sections": {},
     }
     bench = Bench(args)
@@ -200,6 +212,7 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
         title, function = SECTION_FUNCTIONS[name]
         load_before, start = os.getloadavg(), time.perf_counter()
         section, text = function(bench)
+        bench.release()  # The next section builds what it needs: see Bench.release.
         section.update(load_average_before=load_before, load_average_after=os.getloadavg(),
                        wall_s=time.perf_counter() - start)
         cell["sections"][name] = bench.results[name] = section
@@ -208,6 +221,34 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
     cell["checks"] = bench.results.get("checks", {})
     cell["load_average_after"] = os.getloadavg()
     return cell
+
+
+def cell_argv(args: argparse.Namespace) -> list[str]:
+    """The command-line arguments of one cell (``args`` with one value per grid option)."""
+    argv = ["--model", args.model, "--resolution", str(args.resolution), "--batch",
+            str(args.batch), "--precision", args.precision, "--only", ",".join(args.only),
+            "--ks", ",".join(map(str, args.ks))]
+    for name in ("torch_device", "classes", "steps", "infer_steps", "warmup", "repeats",
+                 "settle", "pause", "matmul_size"):
+        argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return argv + (["--tiny"] if args.tiny else []) + (["--keep-heap"] if args.keep_heap else [])
+
+
+def run_cell_process(args: argparse.Namespace) -> dict[str, Any]:
+    """``run_cell`` in a fresh Python process; a cell that fails is returned with its error."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "cell.json")
+        done = subprocess.run([sys.executable, "-m", "benchmarks.suite", *cell_argv(args),
+                               "--cell-json", path], cwd=ROOT, check=False)
+        if done.returncode == 0 and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+    reason = (" (killed: out of memory?)" if done.returncode == -signal.SIGKILL else "")
+    error = f"exit {done.returncode}{reason}"
+    print(f"\ncell {args.model}, {args.resolution} px, batch {args.batch}, {args.precision} "
+          f"failed: {error}", flush=True)
+    return {"config": {k: v for k, v in vars(args).items() if k not in ("json", "cell_json")},
+            "error": error, "sections": {}}
 
 
 def _mark(value: float | None, target: float, upper: bool = False) -> str:
@@ -230,6 +271,10 @@ def summary_table(cells: Sequence[dict[str, Any]]) -> str:
     rows = [header, "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for cell in cells:
         c, s = cell["config"], cell["sections"]
+        if "error" in cell:
+            rows.append(f"| {c['model']} | {c['resolution']} | {c['batch']} | {c['precision']} "
+                        f"| failed: {cell['error']} |" + " |" * 7)
+            continue
         by_k = s.get("k_tasks", {}).get("by_k", {})
         share = s.get("flops", {}).get("kfor1_fraction_of_peak", {})
         rows.append(
@@ -268,27 +313,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": info, "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "load_average_before": os.getloadavg(), "cells": [],
     }
-    grid = itertools.product(args.model, args.resolution, args.batch, args.precision)
+    grid = list(itertools.product(args.model, args.resolution, args.batch, args.precision))
+    in_process = args.in_process or len(grid) == 1
     for model, resolution, batch, precision in grid:
         cell_args = argparse.Namespace(**{**vars(args), "model": model, "resolution": resolution,
                                           "batch": batch, "precision": precision})
-        results["cells"].append(run_cell(cell_args))
-        gc.collect()  # The cell's compiled steps and device buffers, before the next one.
-        jax.clear_caches()
+        if in_process:
+            cell = run_cell(cell_args)
+            gc.collect()  # The cell's compiled steps and device buffers, before the next one.
+            jax.clear_caches()
+        else:
+            cell = run_cell_process(cell_args)
+        results["cells"].append(cell)
+    if args.cell_json:
+        write_json(args.cell_json, results["cells"][0])
+        return 0
     results["summary"] = summary_table(results["cells"])
     results["load_average_after"] = os.getloadavg()
     print(f"\n# Summary (✗: target missed)\n\n{results['summary']}", flush=True)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2, default=_json_default)
-            f.write("\n")
+    write_json(args.json, results)
     return 0
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import gc
 import statistics
 import time
 import warnings
@@ -26,6 +27,7 @@ import torch
 import kfor1
 from benchmarks import torch_lite, torch_mobilenet
 from benchmarks.conv_impl import time_steps, warm_up
+from kfor1.cpu import release_freed_memory
 from kfor1.microbatch import MicroBatch, map_micro_batches, resolve_micro_batch
 from kfor1.models import packaged_weights_path
 
@@ -84,15 +86,17 @@ class Workload:
     steps: int
     compile_s: float | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    compiled: Any = None  # kfor1's executable (its HLO: benchmarks/profile.py), not reported.
 
 
 def measure(
     workloads: Sequence[Workload], warmup: int, repeats: int, settle: int = 1,
-    pause: float = 0.0,
+    pause: float = 0.0, release: bool = True,
 ) -> dict[str, Any]:
     """Warms each workload up, then times ``repeats`` repetitions, alternating between them.
 
-    Each repetition starts with ``pause`` seconds of idle and ``settle`` untimed steps: right
+    Each repetition starts with the freed memory returned to the OS, ``pause`` seconds of idle
+    and ``settle`` untimed steps: right
     after another workload its worker threads still spin for a while (PyTorch's OpenMP threads
     beside XLA's: kfor1's inference ran at 772 img/s without a pause, 976 with 0.5 s), and the
     first step after switching is slower (the allocator and caches were shaped by the other
@@ -100,10 +104,19 @@ def measure(
     Images/s are from the median repetition; ``images_per_s_best`` from the fastest (contention
     only adds time, so it bounds the quiet-machine rate).
     """
-    first = {w.name: warm_up(w.run, w.update, warmup) for w in workloads}
+    first = {}
+    for w in workloads:
+        if release:
+            release_freed_memory()
+        first[w.name] = warm_up(w.run, w.update, warmup)
     step_s: dict[str, list[float]] = {w.name: [] for w in workloads}
     for _ in range(repeats):
         for w in workloads:
+            # Pages the workload before freed go back to the OS (kfor1.cpu.release_freed_memory):
+            # the process then holds one workload's peak, not the sum; the settle step below
+            # faults them in again.
+            if release:
+                release_freed_memory()
             time.sleep(pause)
             for _ in range(settle):
                 w.update(jax.block_until_ready(w.run()))
@@ -207,6 +220,40 @@ class Bench:
         self.cache: dict[Any, Workload] = {}
         self.results: dict[str, Any] = {}
 
+    # The workloads' names: sections find each other's timings by them (``bench.results``).
+
+    @staticmethod
+    def train_name(spec: str, k: int) -> str:
+        return f"kfor1 {spec} K={k}"
+
+    @staticmethod
+    def torch_train_name(trainable: str) -> str:
+        return f"torch {trainable}"
+
+    def infer_name(self, micro_batch: MicroBatch = None) -> str:
+        size = resolve_micro_batch(micro_batch, self.args.batch)
+        return "kfor1 jit(model.apply)" + (f" in micro-batches of {size}" if size else "")
+
+    def torch_infer_name(self, fast: bool) -> str:
+        if not self.reference.fast_differs:
+            return "torch (padding in conv, exact)"
+        return "torch (padding in conv)" if fast else "torch exact (TF-SAME via F.pad)"
+
+    def release(self) -> None:
+        """Drops every built workload. A compiled XLA:CPU step keeps its working memory between
+        calls (a full step at 224 px, batch 128: ~7.6 GB), so a cell that kept all of its
+        workloads went past 24 GB; sections find earlier timings in ``results``."""
+        self.cache.clear()
+        gc.collect()
+        release_freed_memory()
+
+    def timing(self, name: str) -> dict[str, Any] | None:
+        """The first timing of workload ``name`` that a section of this cell recorded."""
+        for section in self.results.values():
+            if name in section.get("timings", {}):
+                return section["timings"][name]
+        return None
+
     def _compile(self, jitted: Any, *example: Any) -> tuple[Any, float]:
         start = time.perf_counter()
         compiled = jitted.lower(*example).compile(self.compiler_options)
@@ -240,9 +287,9 @@ class Bench:
             holder["state"] = result[0]  # The step donates its input state.
 
         return Workload(
-            f"kfor1 {spec} K={k}", lambda: compiled(holder["state"], batch, key), update,
+            self.train_name(spec, k), lambda: compiled(holder["state"], batch, key), update,
             k * self.args.batch, self.args.steps, compile_s,
-            {"state_bytes": state_bytes, "cost": cost(compiled)},
+            {"state_bytes": state_bytes, "cost": cost(compiled)}, compiled,
         )
 
     @_cached
@@ -258,10 +305,10 @@ class Bench:
             return map_micro_batches(functools.partial(self.model.apply, variables), images, size)
 
         compiled, compile_s = self._compile(jax.jit(apply), variables, images)
-        name = "kfor1 jit(model.apply)" + (f" in micro-batches of {size}" if size else "")
+        name = self.infer_name(micro_batch)
         return Workload(name, lambda: compiled(variables, images), lambda _: None,
                         self.args.batch, self.args.infer_steps, compile_s,
-                        {"cost": cost(compiled), "micro_batch": size})
+                        {"cost": cost(compiled), "micro_batch": size}, compiled)
 
     @_cached
     def kfor1_predict(self) -> Workload:
@@ -320,7 +367,7 @@ class Bench:
             optimizer.step()
             return self._torch_result(loss.detach())
 
-        return Workload(f"torch {trainable}", run, lambda _: None, self.args.batch,
+        return Workload(self.torch_train_name(trainable), run, lambda _: None, self.args.batch,
                         self.args.steps, None,
                         {"trainable_parameters": sum(p.numel() for p in params)})
 
@@ -333,11 +380,8 @@ class Bench:
             with torch.inference_mode(), self._autocast():
                 return self._torch_result(model(x))
 
-        if not self.reference.fast_differs:
-            name = "torch (padding in conv, exact)"
-        else:
-            name = "torch (padding in conv)" if fast else "torch exact (TF-SAME via F.pad)"
-        return Workload(name, run, lambda _: None, self.args.batch, self.args.infer_steps)
+        return Workload(self.torch_infer_name(fast), run, lambda _: None, self.args.batch,
+                        self.args.infer_steps)
 
     def check_torch_matches(self, n: int = 4) -> dict[str, float]:
         """Max |logits difference| of PyTorch against kfor1 with the real ImageNet weights and

@@ -332,9 +332,12 @@ COMMANDS: tuple[Command, ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one sub-parser per command in ``COMMANDS``."""
+    from kfor1 import __version__
+
     parser = argparse.ArgumentParser(
         prog="kfor1", description="Parameter-efficient transfer learning of pretrained models.",
     )
+    parser.add_argument("--version", action="version", version=f"kfor1 {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text, add_arguments, run in COMMANDS:
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
@@ -345,9 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line and returns the exit status (0 ok, 2 for usage or input errors)."""
+    from kfor1.compile_cache import enable_compilation_cache
     from kfor1.cpu import keep_freed_memory
 
     keep_freed_memory()  # This process is ours: see kfor1/cpu.py.
+    enable_compilation_cache()  # Each step compiles once per machine: kfor1/compile_cache.py.
     quiet_library_logs()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -39,3 +39,22 @@ def keep_freed_memory() -> bool:
         )
     except (OSError, AttributeError):
         return False
+
+
+def release_freed_memory() -> bool:
+    """Returns the memory that glibc holds free to the OS now (``malloc_trim(0)``), once.
+
+    With ``keep_freed_memory()`` a process keeps every page it ever freed, which is what a
+    training loop wants (its next step reuses them) but not a process that switches between
+    workloads whose large buffers interleave: the heap fragments and its footprint grows to the
+    sum of their peaks instead of the largest (the benchmark suite, alternating kfor1's and
+    PyTorch's full fine-tuning steps at 224 px, batch 128, went past 24 GB). Call it between
+    such workloads; the next step faults its pages in again. Returns whether it ran.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False

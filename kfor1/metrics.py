@@ -71,15 +71,19 @@ def _truncate_events(path: str, last_step: int) -> None:
 
 def train_scalars(
     names: Sequence[str], metrics: Mapping[str, np.ndarray], learning_rates: Mapping[str, float],
-    images_per_s: float,
+    images_per_s: float | None,
 ) -> dict[str, float]:
     """One logged training step: ``lr/<group>``, ``train/{loss,accuracy}/<task>``,
-    ``images_per_s``; ``metrics`` holds per-task (K,) ``loss`` and ``accuracy``."""
+    ``images_per_s``; ``metrics`` holds per-task (K,) ``loss`` and ``accuracy``.
+
+    ``images_per_s`` is over the steps since the last log, never a process's first step (which
+    compiles); None (a log of that first step alone) leaves it out."""
     scalars = {f"lr/{g}": float(lr) for g, lr in learning_rates.items()}
     for i, name in enumerate(names):
         scalars[f"train/loss/{name}"] = float(metrics["loss"][i])
         scalars[f"train/accuracy/{name}"] = float(metrics["accuracy"][i])
-    scalars["images_per_s"] = float(images_per_s)
+    if images_per_s is not None:
+        scalars["images_per_s"] = float(images_per_s)
     return scalars
 
 

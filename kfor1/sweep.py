@@ -162,13 +162,12 @@ def _write_json(path: str, value: Any) -> None:
 
 
 def _images_per_s(workdir: Workdir) -> float | None:
-    """The median logged training images/s of a run (all but its first log, which includes the
-    compilation, when there are more)."""
+    """The median logged training images/s of a run (the logs leave out each process's first,
+    compiling step)."""
     if not os.path.exists(workdir.metrics):
         return None
     with open(workdir.metrics, encoding="utf-8") as f:
         rates = [r["images_per_s"] for r in map(json.loads, f) if "images_per_s" in r]
-    rates = rates[1:] or rates
     return sorted(rates)[len(rates) // 2] if rates else None
 
 

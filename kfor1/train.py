@@ -111,11 +111,16 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
                 # The previous step's health, read while this one runs: no stall per step.
                 guard.check()
                 guard.push(step, metrics, state)
-                images += config.batch_size * len(s.tasks)
+                if step == start + 1:
+                    # This process's first step compiles: images/s starts once it is done.
+                    jax.block_until_ready(metrics)
+                    images, clock = 0, time.perf_counter()
+                else:
+                    images += config.batch_size * len(s.tasks)
                 if step % config.log_every == 0 or step == config.num_steps:
                     metrics = jax.device_get(metrics)
                     rates = {g: f(step - 1) for g, f in s.schedules.items()}
-                    rate = images / max(time.perf_counter() - clock, 1e-9)
+                    rate = images / max(time.perf_counter() - clock, 1e-9) if images else None
                     metrics_log.write(step, train_scalars(names, metrics, rates, rate))
                     progress.set_postfix(loss=f"{float(np.mean(metrics['loss'])):.3f}")
                     images, clock = 0, time.perf_counter()

@@ -67,18 +67,18 @@ def test_suite_tiny(tmp_path, capsys):
     assert sections["flops"]["matmul_peak"]["jnp.dot"]["gflops"] > 0
 
 
-def test_suite_tiny_grid_on_the_papers_base(tmp_path, capsys):
+def test_suite_tiny_grid_on_the_papers_base(tmp_path, capfd):
     """``--model mobilenet_v2 --precision float32,bfloat16``: a grid of two cells. torchvision's
     network (padding inside the convolutions is its exact definition) computes kfor1's on the
-    packaged ImageNet checkpoint; both precisions train and infer; the summary has a row per
-    cell."""
+    packaged ImageNet checkpoint; both precisions train and infer, each cell in a process of its
+    own; the summary has a row per cell."""
     if str(BENCHMARKS.parent) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS.parent))
     suite = importlib.import_module("benchmarks.suite")
     out_json = tmp_path / "suite.json"
     assert suite.main(["--tiny", "--model", "mobilenet_v2", "--precision", "float32,bfloat16",
                        "--only", "patch_step,inference", "--json", str(out_json)]) == 0
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out  # The cells ran in processes of their own.
     assert "mobilenet_v2, 32 px, batch 2, float32" in out and "torchvision's own" in out
     assert "mobilenet_v2, 32 px, batch 2, bfloat16" in out
     results = json.loads(out_json.read_text())
@@ -179,3 +179,74 @@ def test_device_check_on_the_cpu(tmp_path, capsys):
     found = results["scale_bias+logits at float32 precision"]
     assert max(found["errors"].values()) <= 1e-5
     assert "kfor1_depthwise_conv" in found["kernel_calls"]
+
+
+def test_end_to_end_tiny(tmp_path, capsys):
+    """``benchmarks/end_to_end.py --tiny``: the trainer on digits, its step and its input
+    pipeline alone, and the table with their ratio (its numbers mean nothing)."""
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    e2e = importlib.import_module("benchmarks.end_to_end")
+    out_json = tmp_path / "e2e.json"
+    assert e2e.main(["--tiny", "--json", str(out_json)]) == 0
+    [row] = json.loads(out_json.read_text())
+    assert row["resolution"] == 32 and len(row["logged_rates"]) == 2
+    assert row["trainer_images_per_s"] > 0 and row["step_alone_images_per_s"] > 0
+    assert row["input_alone_images_per_s"] > 0 and row["ratio"] > 0
+    assert "| 32 |" in capsys.readouterr().out
+
+
+def test_profile_tiny(tmp_path, capsys):
+    """``benchmarks/profile.py --tiny``: every path's ops are found in the profiler's trace and
+    sorted into kinds (its numbers mean nothing)."""
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    profile = importlib.import_module("benchmarks.profile")
+    out_json = tmp_path / "profile.json"
+    assert profile.main(["--tiny", "--json", str(out_json)]) == 0
+    results = json.loads(out_json.read_text())["results"]
+    assert [r["path"] for r in results] == ["inference", "patch step", "full step"]
+    for r in results:
+        assert r["ops_seen"] > 10 and r["op_us_per_step"] > 0
+        assert r["by_kind_us"]["matrix products"] > 0 and r["by_kind_us"]["depthwise"] > 0
+    assert "| inference |" in capsys.readouterr().out
+
+
+def test_profile_classifies_hlo():
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    profile = importlib.import_module("benchmarks.profile")
+    hlo = "\n".join([
+        "%fused_add (p: f32[8]) -> f32[8] {",
+        "  %p = f32[8]{0} parameter(0)",
+        "  ROOT %add.0 = f32[8]{0} add(f32[8]{0} %p, f32[8]{0} %p)",
+        "}",
+        "%fused_reduce (p: f32[8]) -> f32[] {",
+        "  ROOT %reduce.0 = f32[] reduce(f32[8]{0} %p, f32[] %c), dimensions={0}",
+        "}",
+        "%fused_dot (a: f32[8,4], b: f32[4,16]) -> f32[8,16] {",
+        "  ROOT %dot.0 = f32[8,16]{1,0} dot(f32[8,4]{1,0} %a, f32[4,16]{1,0} %b)",
+        "}",
+        "%fused_copy (p: f32[8,4]) -> f32[4,8] {",
+        "  %p = f32[8,4]{1,0} parameter(0)",
+        "  ROOT %copy.0 = f32[4,8]{0,1} copy(f32[8,4]{1,0} %p)",
+        "}",
+        "ENTRY %main (x: f32[8]) -> (f32[8]) {",
+        '  %dot.1 = f32[8,16]{1,0} dot(f32[8,4]{1,0} %a, f32[4,16]{1,0} %b)',
+        '  %custom-call.2 = f32[8]{0} custom-call(%x), custom_call_target="kfor1_channel_sums"',
+        '  %custom-call.3 = f32[8]{0} custom-call(%x), custom_call_target="kfor1_depthwise_conv"',
+        '  %fusion.4 = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused_add',
+        '  %fusion.5 = f32[8]{0} fusion(%x), kind=kInput, calls=%fused_reduce',
+        '  %copy.6 = f32[8,4]{0,1} copy(%a)',
+        '  %ynn_fusion.8 = f32[8,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot',
+        '  %copy_fusion.9 = f32[4,8]{0,1} fusion(%a), kind=kLoop, calls=%fused_copy',
+        '  ROOT %tuple.7 = (f32[8]{0}) tuple(%x)',
+        "}",
+    ])
+    assert profile.classify(hlo) == {
+        "dot.1": "matrix products", "custom-call.2": "BatchNorm sums",
+        "custom-call.3": "depthwise", "fusion.4": "elementwise", "fusion.5": "BatchNorm sums",
+        "copy.6": "data movement", "tuple.7": "other", "ynn_fusion.8": "matrix products",
+        "copy_fusion.9": "data movement", "p": "other", "add.0": "elementwise",
+        "reduce.0": "BatchNorm sums", "dot.0": "matrix products", "copy.0": "data movement",
+    }

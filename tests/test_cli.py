@@ -51,6 +51,13 @@ def test_eval_export_and_predict_with_a_patch(trained_run, tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
 
 
+def test_version(capsys):
+    import kfor1
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"kfor1 {kfor1.__version__}"
+
+
 def test_params_reports_patch_sizes(capsys):
     assert cli.main(["params", "--model", "efficientnet_lite0", "--patch", "scale_bias",
                      "--num-classes", "10"]) == 0
