@@ -186,6 +186,10 @@ def machine(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _cell_config(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k not in ("json", "cell_json")}
+
+
 def run_cell(args: argparse.Namespace) -> dict[str, Any]:
     """Every selected section for one cell (``args`` with one model, resolution, batch and
     precision); prints each section's table as it finishes."""
@@ -194,7 +198,7 @@ def run_cell(args: argparse.Namespace) -> dict[str, Any]:
           f"{args.settle} untimed + {args.steps} training / {args.infer_steps} inference steps",
           flush=True)
     cell: dict[str, Any] = {
-        "config": {k: v for k, v in vars(args).items() if k not in ("json", "cell_json")},
+        "config": _cell_config(args),
         "load_average_before": os.getloadavg(), "sections": {},
     }
     bench = Bench(args)
@@ -247,7 +251,7 @@ def run_cell_process(args: argparse.Namespace) -> dict[str, Any]:
     error = f"exit {done.returncode}{reason}"
     print(f"\ncell {args.model}, {args.resolution} px, batch {args.batch}, {args.precision} "
           f"failed: {error}", flush=True)
-    return {"config": {k: v for k, v in vars(args).items() if k not in ("json", "cell_json")},
+    return {"config": _cell_config(args),
             "error": error, "sections": {}}
 
 

@@ -11,6 +11,7 @@ does it on import; entry points call ``keep_freed_memory()``.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 
 _M_TRIM_THRESHOLD = -1
@@ -22,22 +23,33 @@ _M_ARENA_MAX = -8
 _NEVER = -1
 
 
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, loaded once; None off Linux or where it cannot be loaded."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Makes glibc keep freed memory for reuse (no mmap'd blocks, no trimming, one arena).
 
     Returns whether the settings took effect (False off glibc, e.g. on macOS or musl).
     """
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None:
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
         return all(
             libc.mallopt(option, value) == 1
             for option, value in (
                 (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER), (_M_ARENA_MAX, 1),
             )
         )
-    except (OSError, AttributeError):
+    except AttributeError:
         return False
 
 
@@ -51,10 +63,11 @@ def release_freed_memory() -> bool:
     PyTorch's full fine-tuning steps at 224 px, batch 128, went past 24 GB). Call it between
     such workloads; the next step faults its pages in again. Returns whether it ran.
     """
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None:
         return False
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc.malloc_trim(0)
         return True
-    except (OSError, AttributeError):
+    except AttributeError:
         return False
