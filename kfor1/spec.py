@@ -19,6 +19,7 @@ the last Dense layer (the last module with a 2-D kernel; override with ``head=``
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -226,9 +227,12 @@ def partition(
             )
         unused = [spec.rules[i][0] for i, u in enumerate(used) if not u]
         if unused:
+            # The model's own paths nearest the rule (a typo's), else its first ones.
+            like = difflib.get_close_matches(unused[0], list(flat), n=2, cutoff=0.3)
+            like = like or list(flat)[:2]
             raise PatchSpecError(
                 f"patch rule {unused[0]!r} matches no parameter (or only ones an earlier rule "
-                "took); paths look like 'blocks_3/depthwise/bn/scale'"
+                f"took); this model's paths look like {', '.join(map(repr, like))}"
             )
     return unflatten(labels)
 

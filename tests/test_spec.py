@@ -287,6 +287,17 @@ def test_rule_matching_nothing(small):
         partition(small, [(".*", "shared"), ("head/.*", "patch")])
 
 
+def test_rule_matching_nothing_names_this_models_paths(small):
+    # The hint shows the model's own paths nearest the rule, not kfor1's naming.
+    with pytest.raises(PatchSpecError) as info:
+        partition(small, [("stem_bm/scale", "patch"), (".*", "shared")])
+    assert "this model's paths look like 'stem_bn/scale'" in str(info.value)
+    with pytest.raises(PatchSpecError) as info:
+        partition(small, [("zzzzzzzz", "patch"), (".*", "shared")])
+    first = next(iter(flatten(small.get("params", small))))
+    assert f"look like {first!r}" in str(info.value)
+
+
 @pytest.mark.parametrize("label", ["trainable", "patch:", "patch:a-b", "Shared", "patch:shared"])
 def test_bad_label(small, label):
     # 'patch:shared' would name the group 'shared' with groups=True: silently frozen.
