@@ -33,7 +33,10 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
                         "shapes, report the weights and data it would read, and exit")
     parser.add_argument("--stop_at_step", type=_positive_int, default=None,
                         help="end early at this step, after checkpointing (as a preemption "
-                        "would)")
+                        "would); the same command without it resumes from there")
+    parser.add_argument("--help-config", action="store_true",
+                        help="print every config field, its value (after --config's args and "
+                        "overrides) and what it means, and exit; without --config: defaults")
 
 
 def _run_train(argv: Sequence[str]) -> int:
@@ -41,7 +44,12 @@ def _run_train(argv: Sequence[str]) -> int:
 
     from kfor1.train import train
 
-    config, workdir, stop_at_step, dry = parse_train_args(argv)
+    config, workdir, stop_at_step, dry, help_config = parse_train_args(argv)
+    if help_config:
+        from kfor1.config_help import describe_config
+
+        print(describe_config(config))
+        return 0
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
     if dry:
         from kfor1.dryrun import dry_run

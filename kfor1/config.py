@@ -42,9 +42,9 @@ def task(
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = "efficientnet_lite0"
+    c.model = "efficientnet_lite0"  # A registered model, or a factory "package.module:name".
     c.weights = ""  # '' = the pip-packaged ImageNet checkpoint.
-    c.patch = "scale_bias+logits"
+    c.patch = "scale_bias+logits"  # Presets joined by "+" (kfor1.spec.PRESETS).
     # Ordered (regex, label) rules over parameter paths, e.g. [("head/.*", "patch:logits"),
     # (".*", "shared")]; when given they replace `patch` (see kfor1.spec.PatchSpec).
     c.patch_rules = []
@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Tasks per chunk of the training step: 0 = auto (~64 images a chunk on one CPU device, all
     # tasks at once elsewhere), -1 = all tasks at once, n = n tasks at a time.
     c.task_chunk = 0
+    # One task(dataset, name, resolution, init_patch) each; dataset: digits, folder:PATH, tfds:NAME.
     c.tasks = [task("digits")]
     c.data_dir = ""  # tensorflow-datasets data_dir ('' = its default).
     # True: a folder's undecodable images are left out (named in the log and summary.json)
@@ -72,15 +73,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.stats_images = 2048
 
     c.batch_size = 32  # Per task and step.
-    c.num_steps = 1000
+    c.num_steps = 1000  # Training steps (each trains every task on one batch).
     c.optimizer = "adamw"  # adamw | adam | sgd
     c.momentum = 0.9  # sgd only.
-    c.weight_decay = 0.0
+    c.weight_decay = 0.0  # Decoupled (adamw) or added to the gradient (sgd); adam: none.
     c.schedule = "cosine"  # cosine | constant | onecycle
-    c.warmup_steps = 50
+    c.warmup_steps = 50  # Linear warm-up of every learning rate.
+    # Peak learning rate per patch group (scale_bias, logits, ...; shared: the backbone when
+    # train_shared); a spec of (regex, label) rules adds its own groups.
     c.learning_rate = ml_collections.ConfigDict(DEFAULT_LEARNING_RATES)
-    c.label_smoothing = 0.0
+    c.label_smoothing = 0.0  # Of the cross-entropy targets, in [0, 1).
 
+    # Training augmentation: crop random_resized (area in [min_scale, 1]) | pad (pad_fraction,
+    # then a random crop) | none; flip: random horizontal flips.
     c.augment = ml_collections.ConfigDict({
         "crop": "random_resized", "flip": True, "min_scale": 0.25, "pad_fraction": 0.125,
     })
@@ -88,17 +93,17 @@ def base_config() -> ml_collections.ConfigDict:
     # BatchNorm moving-average momentum for kfor1's models (< 0: the model's default, 0.99 for
     # EfficientNet-Lite). 0.9 lets a task's own statistics settle within a short fine-tuning run.
     c.bn_momentum = 0.9
-    c.conv_impl = "auto"
+    c.conv_impl = "auto"  # auto | xla | fast_cpu | portable (kfor1.layers).
     c.dtype = "float32"  # float32 | bfloat16 (computation; parameters stay float32).
 
-    c.seed = 0
-    c.log_every = 25
+    c.seed = 0  # Initialisation, batches, augmentation and dropout.
+    c.log_every = 25  # Steps between lines of metrics.jsonl (and TensorBoard).
     c.eval_every = 0  # 0: only at the end.
-    c.checkpoint_every = 200
-    c.keep_checkpoints = 3
-    c.eval_batch_size = 100
+    c.checkpoint_every = 200  # Steps between checkpoints (a run resumes from the latest).
+    c.keep_checkpoints = 3  # How many of the latest checkpoints are kept.
+    c.eval_batch_size = 100  # Images per task and evaluation batch.
     c.max_eval_examples = 0  # 0: the whole test split.
-    c.progress = True
+    c.progress = True  # A progress bar with ETA on the terminal.
 
     c.mesh = ml_collections.ConfigDict({"tasks": 1, "data": 0})  # data 0: remaining devices.
     c.distributed = False  # True: join a multi-process run (see kfor1.distributed).

@@ -77,18 +77,28 @@ def parse_config_args(
     return value, {name: flag.value for name, flag in defined.items()}
 
 
-def parse_train_args(argv: Sequence[str]) -> tuple[Any, str | None, int | None, bool]:
-    """``(config, workdir, stop_at_step, dry_run)`` from ``kfor1 train``'s arguments (absl
-    flags; ``--dry-run`` is also spelled ``--dry_run``).
+def parse_train_args(argv: Sequence[str]) -> tuple[Any, str | None, int | None, bool, bool]:
+    """``(config, workdir, stop_at_step, dry_run, help_config)`` from ``kfor1 train``'s
+    arguments (absl flags; ``--dry-run`` is also spelled ``--dry_run``, ``--help-config``
+    ``--help_config``). ``--help-config`` alone, without ``--config``, gives the defaults of
+    ``kfor1.config.base_config``.
 
     Raises ``kfor1.config.ConfigError`` for a missing, unknown or unparsable flag, a config
     file that fails to load, or an unknown config field.
     """
-    from kfor1.config import ConfigError
+    from kfor1.config import ConfigError, base_config
 
+    if {"--help-config", "--help_config"} & set(argv) and not any(
+            a == "--config" or a.startswith("--config=") for a in argv):
+        rest = [a for a in argv if a not in ("--help-config", "--help_config")]
+        if rest:
+            raise ConfigError(f"--help-config without --config takes no other flag, got {rest}; "
+                              "e.g. kfor1 train --config configs/transfer.py --help-config")
+        return base_config(), None, None, False, True
     config, v = parse_config_args(argv, "train", TRAIN_EXAMPLE, strings=("workdir",),
-                                  integers=("stop_at_step",), booleans=("dry_run",),
+                                  integers=("stop_at_step",),
+                                  booleans=("dry_run", "help_config"),
                                   required="--config and --workdir are required")
-    if not (v["workdir"] or v["dry_run"]):
+    if not (v["workdir"] or v["dry_run"] or v["help_config"]):
         raise ConfigError(f"--config and --workdir are required; e.g. {TRAIN_EXAMPLE}")
-    return config, v["workdir"], v["stop_at_step"], v["dry_run"]
+    return config, v["workdir"], v["stop_at_step"], v["dry_run"], v["help_config"]

@@ -58,6 +58,47 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"kfor1 {kfor1.__version__}"
 
 
+def test_train_help_names_every_flag(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("--config", "--config.KEY=VALUE", "--workdir", "resumed if present",
+                 "--dry-run", "--stop_at_step", "resumes from there", "--help-config"):
+        assert text in out, text
+
+
+def test_help_config_prints_fields_values_and_meanings(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "--config", f"{REPO}/configs/transfer.py:dataset=digits",
+                     "--config.num_steps=7", "--workdir", str(workdir), "--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert "num_steps = 7\n    Training steps" in out  # The override, and what it means.
+    assert "learning_rate.scale_bias = " in out and "tasks = [{'dataset': 'digits'" in out
+    assert not workdir.exists()  # Nothing trained, nothing written.
+
+    assert cli.main(["train", "--help_config"]) == 0  # Without --config: the defaults.
+    assert "model = 'efficientnet_lite0'" in capsys.readouterr().out
+
+
+def test_help_config_refuses_what_it_cannot_use(capsys):
+    assert cli.main(["train", "--help-config", "--workdir", "runs/x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --help-config without --config") and "\n" not in err
+    assert cli.main(["train", "--config", f"{REPO}/configs/transfer.py", "--config.num_stepz=3",
+                     "--help-config"]) == 2
+    assert "unknown config field 'num_stepz'" in capsys.readouterr().err
+
+
+def test_every_config_field_has_a_meaning():
+    """A field added to base_config without a comment would print bare under --help-config."""
+    from kfor1.config import base_config
+    from kfor1.config_help import field_comments
+
+    comments = field_comments()
+    assert sorted(set(base_config()) - set(comments)) == []
+    assert comments["batch_size"] == "Per task and step."
+    assert comments["validation"].startswith("A fraction (e.g. \"0.1\")")  # A block above.
+
+
 def test_params_reports_patch_sizes(capsys):
     assert cli.main(["params", "--model", "efficientnet_lite0", "--patch", "scale_bias",
                      "--num-classes", "10"]) == 0
