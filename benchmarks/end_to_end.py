@@ -41,7 +41,8 @@ from configs import transfer  # noqa: E402
 from kfor1.cpu import keep_freed_memory  # noqa: E402
 from kfor1.evaluate import group_batches  # noqa: E402
 from kfor1.experiment import setup  # noqa: E402
-from kfor1.step import make_train_step, resolution_groups  # noqa: E402
+from kfor1.step import make_train_step  # noqa: E402
+from kfor1.task_axis import resolution_groups  # noqa: E402
 from kfor1.train import _train_iterators, train  # noqa: E402
 from kfor1.workdir import Workdir  # noqa: E402
 

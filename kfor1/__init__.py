@@ -46,7 +46,15 @@ from kfor1.sharding import make_mesh, shard_batch, shard_state
 from kfor1.spec import PRESETS, PatchSpec, PatchSpecError, partition, stats_labels
 from kfor1.step import make_eval_step, make_predict_fn, make_stats_step, make_train_step
 
+# Bound again here, so that pdoc shows the docstring below on kfor1's own page.
+PRESETS = PRESETS
+"""The patch presets, ``kfor1.spec.PRESETS``: ``logits`` (the head), ``scale_bias`` (BatchNorm
+scales and biases, with their statistics), ``depthwise`` (depthwise kernels), ``bias`` (every
+bias), ``full`` (everything), ``stats`` (BatchNorm statistics only, AdaBN) and ``none``; a spec
+joins them with ``+``: ``"scale_bias+logits"``."""
+
 __version__ = "0.1.0"
+"""kfor1's version (PEP 440), as ``kfor1 --version`` prints it and the wheel is named."""
 
 __all__ = [
     "PRESETS",

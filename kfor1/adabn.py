@@ -25,7 +25,8 @@ from kfor1 import data as kdata
 from kfor1.evaluate import group_batches
 from kfor1.experiment import Setup
 from kfor1.multitask import MultiTaskState
-from kfor1.step import make_stats_step, resolution_groups
+from kfor1.step import make_stats_step
+from kfor1.task_axis import resolution_groups
 from kfor1.tree import flatten, leaf_name, unflatten
 
 

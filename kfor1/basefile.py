@@ -102,7 +102,14 @@ def export_base(
         (``started_from``, ``step``) are kept.
 
     Returns:
-      The fingerprint.
+      The fingerprint (a SHA-256 hex string) that the run's patches record.
+
+    Example:
+      >>> fp = kfor1.export_base(variables, model, kfor1.basefile.patch_leaves(state),
+      ...                        "runs/mtl/base", {"model": "efficientnet_lite0",
+      ...                                          "preprocessing": preprocessing.to_dict()})
+      >>> kfor1.load_base_dir("runs/mtl/base").name
+      'efficientnet_lite0'
     """
     patch_leaves = sorted(patch_leaves)
     arrays = jax.tree.map(np.asarray, variables)
@@ -147,7 +154,19 @@ def read_base_meta(directory: str | os.PathLike) -> dict[str, Any]:
 
 def load_base_dir(directory: str | os.PathLike) -> Any:
     """An exported base as a ``kfor1.models.Pretrained``, its architecture rebuilt from the
-    record, its shapes and fingerprint verified (a file changed since export is refused)."""
+    record, its shapes and fingerprint verified (a file changed since export is refused).
+
+    Args:
+      directory: an exported base (``base.msgpack`` and ``base.json``), e.g. a ``train_shared``
+        run's ``<workdir>/base``.
+
+    Returns:
+      A ``Pretrained`` with the trained backbone's variables and preprocessing.
+
+    Example:
+      >>> base = kfor1.load_base_dir("runs/mtl/base")
+      >>> variables = kfor1.apply_patch(base.variables, kfor1.load_patch("runs/mtl/patches/a"))
+    """
     from kfor1.models import Preprocessing, Pretrained, create, get_entry, imagenet_class_names
     from kfor1.models.convert import WeightMismatchError, check_shapes
 

@@ -18,11 +18,32 @@ __all__ = ["USER_ERRORS", "TrainingError", "UserError", "one_line", "quiet_libra
 
 
 class UserError(Exception):
-    """Input that kfor1 cannot use; the message says what to change."""
+    """Input that kfor1 cannot use; the message says what to change.
+
+    The base of kfor1's own error types; the command line prints one as an ``error: ...`` line.
+
+    Args:
+      *args: the message: what was wrong and what to do.
+
+    Example:
+      >>> try:
+      ...     kfor1.load_patch("runs/a/patches/flowers")
+      ... except kfor1.UserError as e:  # a corrupt or edited patch, for example
+      ...     print(f"error: {e}")
+    """
 
 
 class TrainingError(UserError, RuntimeError):
-    """Training cannot go on (for example, the loss became NaN); says what to change."""
+    """Training cannot go on (for example, the loss became NaN); says what to change.
+
+    A ``UserError`` and a ``RuntimeError``.
+
+    Args:
+      *args: the message: what happened and what to change (a smaller learning rate, ...).
+
+    Example:
+      >>> raise kfor1.TrainingError("the loss is NaN at step 120; lower the learning rate")
+    """
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (

@@ -17,7 +17,8 @@ from kfor1 import data as kdata
 from kfor1.experiment import Setup
 from kfor1.multitask import MultiTaskState
 from kfor1.sharding import shard_batch
-from kfor1.step import make_eval_step, resolution_groups
+from kfor1.step import make_eval_step
+from kfor1.task_axis import resolution_groups
 
 Results = dict[str, dict[str, float]]
 

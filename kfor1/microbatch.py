@@ -8,6 +8,19 @@ through memory; in chunks of 16 images they stay in the caches. XLA:CPU runs a l
 less parallelism and slices every chunk in and out, which small batches do not win back; so
 ``"auto"`` splits CPU batches of at least ``CPU_MIN_BATCH`` images, and never on GPUs, which want
 the whole batch (measured in ``benchmarks/README.md``).
+
+Example:
+  >>> rows = lambda x: x.sum(axis=(1, 2, 3))  # each row on its own, as a model in eval mode
+  >>> x = jnp.ones((100, 32, 32, 3))
+  >>> kfor1.microbatch.map_micro_batches(rows, x, micro_batch=16).shape  # last chunk padded
+  (100,)
+  >>> kfor1.microbatch.resolve_micro_batch("auto", batch=128)  # on the CPU backend; GPU: None
+  16
+  >>> kfor1.microbatch.resolve_task_chunk("auto", num_tasks=8, per_task_batch=32)  # 1 CPU
+  2
+  >>> a, b = jnp.ones((8, 3, 4)), jnp.ones((8, 4, 5))  # K=8 tasks on the leading axis
+  >>> kfor1.microbatch.map_task_chunks(jnp.matmul, (a, b), chunk=2).shape
+  (8, 3, 5)
 """
 
 from __future__ import annotations

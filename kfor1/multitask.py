@@ -23,7 +23,19 @@ from kfor1.tree import flatten, unflatten
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """One task: a name, its number of classes, and (optionally) its input resolution."""
+    """One task: a name, its number of classes, and (optionally) its input resolution.
+
+    Args:
+      name: the task's name, unique in a run (metrics and patch directories are named after it).
+      num_classes: its number of classes (at least 1): the width of its head.
+      resolution: its input images' size in pixels; tasks of different resolutions run in one
+        step, grouped by resolution (``make_train_step``). None: not given (one group).
+
+    Example:
+      >>> tasks = [kfor1.Task("flowers", 102), kfor1.Task("cars", 196, resolution=192)]
+      >>> tasks[1].num_classes
+      196
+    """
 
     name: str
     num_classes: int
@@ -36,7 +48,24 @@ class Task:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Static description of a multi-task state: hashable, so it can live in a jitted state."""
+    """Static description of a multi-task state: hashable, so it can live in a jitted state.
+
+    ``init_multitask`` builds it; read it as ``state.layout``.
+
+    Attributes:
+      tasks: the K tasks, in the order of the state's task axis.
+      param_labels: ``(path, label)`` for every parameter leaf (``("head/logits/kernel",
+        "patch")``), as ``partition`` labelled them.
+      stat_labels: the same for the BatchNorm statistics (``stats_labels``).
+      head: the classifier's module path (``"head/logits"`` in kfor1's models).
+
+    Example:
+      >>> layout = state.layout  # tasks ("flowers", 102) and ("cars", 196)
+      >>> layout.num_tasks, layout.num_classes, layout.max_classes
+      (2, (102, 196), 196)
+      >>> layout.class_mask().shape  # (K, max_classes): which logits are real classes
+      (2, 196)
+    """
 
     tasks: tuple[Task, ...]
     param_labels: tuple[tuple[str, str], ...]
@@ -80,7 +109,25 @@ class Layout:
 
 @flax.struct.dataclass
 class MultiTaskState:
-    """Everything that changes during training, plus the static ``layout``."""
+    """Everything that changes during training, plus the static ``layout``.
+
+    A pytree (``flax.struct``) that jitted steps take and return; ``layout`` is static.
+
+    Attributes:
+      step: the number of training steps taken, an int32 scalar.
+      params: the parameters, nested as the model's: a patch leaf stacked over the K tasks,
+        (K, *shape), the head padded to (K, ..., max_classes); a shared leaf once, unstacked.
+      batch_stats: the BatchNorm statistics: (K, C) where the patch owns them, else (C,).
+      opt_state: the optimiser's state (None when built without an optimiser).
+      layout: the static ``Layout`` (tasks, labels, head).
+
+    Example:
+      >>> state = kfor1.init_multitask(base.variables, labels, [("flowers", 102), ("cars", 196)])
+      >>> state.params["head"]["logits"]["kernel"].shape  # (K, features, max_classes)
+      (2, 1280, 196)
+      >>> state.params["stem"]["conv"]["kernel"].shape  # shared: stored once
+      (3, 3, 3, 32)
+    """
 
     step: jax.Array
     params: dict[str, Any]
@@ -113,6 +160,30 @@ def init_multitask(
     on it (patches along 'task', shared parameters replicated) before the optimiser state is
     built, so that the optimiser state inherits the same layout. ``spec``, the patch spec the
     labels come from, says which BatchNorm statistics are per task (``kfor1.stats_labels``).
+
+    Args:
+      variables: the pretrained model's variables, ``{"params": ..., "batch_stats": ...}``.
+      labels: the label tree of its parameters (``kfor1.partition``).
+      tasks: the K tasks, as ``Task`` or ``(name, num_classes)`` pairs (names unique).
+      optimizer: the optimiser (``patch_optimizer``) whose state to build; None leaves
+        ``opt_state`` None.
+      head: the classifier's module path; default: the last Dense layer.
+      mesh: a ``('task', 'data')`` mesh (``make_mesh``) to place the state on; K must divide
+        over its 'task' axis. None: the default device.
+      spec: the patch spec ``labels`` come from (its ``stats`` preset makes every BatchNorm
+        layer's statistics per task).
+
+    Returns:
+      A ``MultiTaskState`` at step 0: patch leaves and their statistics stacked to (K, ...),
+      heads padded to (K, ..., max_classes).
+
+    Example:
+      >>> base = kfor1.load_pretrained("efficientnet_lite0")
+      >>> labels = kfor1.partition(base.variables, "scale_bias+logits")
+      >>> tx = kfor1.patch_optimizer(optax.adam(1e-3), labels)
+      >>> tasks = [kfor1.Task("flowers", 102), kfor1.Task("cars", 196)]
+      >>> state = kfor1.init_multitask(base.variables, labels, tasks, tx)
+      >>> model = base.model.clone(num_classes=state.layout.max_classes)  # for the steps
     """
     tasks = tuple(t if isinstance(t, Task) else Task(*t) for t in tasks)
     if not tasks:
@@ -188,7 +259,23 @@ def init_multitask(
 
 
 def task_variables(state: MultiTaskState, k: int | str) -> dict[str, Any]:
-    """Plain Flax variables of task ``k``'s single-task model (its head unpadded)."""
+    """Plain Flax variables of task ``k``'s single-task model (its head unpadded).
+
+    Args:
+      state: a multi-task state.
+      k: the task, by index on the task axis or by name.
+
+    Returns:
+      ``{"params": ..., "batch_stats": ...}`` of one model: task ``k``'s slice of every patch
+      leaf (no task axis), the shared leaves, and a head of its own width, (..., num_classes).
+
+    Example:
+      >>> cars = kfor1.task_variables(state, "cars")
+      >>> cars["params"]["head"]["logits"]["kernel"].shape
+      (1280, 196)
+      >>> model = base.model.clone(num_classes=196)
+      >>> logits = model.apply(cars, x, train=False)  # x: (N, H, W, 3) -> (N, 196)
+    """
     layout = state.layout
     names = [t.name for t in layout.tasks]
     if isinstance(k, str):

@@ -58,10 +58,11 @@ def patch_optimizer(
     Returns:
       An ``optax.partition`` of the groups' transforms.
 
-    Example::
-
-      labels = kfor1.partition(variables, "scale_bias+logits", groups=True)
-      tx = patch_optimizer({"scale_bias": optax.adam(1e-2), "logits": optax.adam(3e-3)}, labels)
+    Example:
+      >>> labels = kfor1.partition(variables, "scale_bias+logits", groups=True)
+      >>> tx = kfor1.patch_optimizer(
+      ...     {"scale_bias": optax.adam(1e-2), "logits": optax.adam(3e-3)}, labels)
+      >>> tx = kfor1.patch_optimizer(optax.adamw(1e-3), labels)  # one transform for all groups
     """
     groups = patch_groups(labels)
     if not isinstance(tx, Mapping):

@@ -140,13 +140,41 @@ def export_patch(
     state: MultiTaskState, task: int | str, directory: str | os.PathLike, meta: dict[str, Any]
 ) -> str:
     """Writes task ``task``'s patch to ``directory`` (``make_patch``, then ``write_patch``).
-    Returns the directory."""
+
+    Args:
+      state: the trained multi-task state.
+      task: the task, by index on the task axis or by name.
+      directory: where to write ``patch.msgpack`` and ``patch.json`` (created).
+      meta: the task's metadata (``task_meta``: class names, preprocessing, spec, base).
+
+    Returns:
+      The directory, as a string.
+
+    Example:
+      >>> kfor1.export_patch(state, "cars", "patches/cars", meta)
+      'patches/cars'
+      >>> kfor1.load_patch("patches/cars").num_classes
+      196
+    """
     return write_patch(make_patch(state, task, meta), directory)
 
 
 def load_patch(directory: str | os.PathLike) -> Patch:
     """Reads a patch directory, verifying its content hash and its metadata (``patchcheck``):
-    a corrupt, edited or malformed patch is refused with what is wrong."""
+    a corrupt, edited or malformed patch is refused with what is wrong.
+
+    Args:
+      directory: a patch directory (``patch.msgpack`` and ``patch.json``).
+
+    Returns:
+      A ``Patch``: ``variables`` holds only the patched leaves (the head (features, classes),
+      per-task BN statistics (C,), ...), ``meta`` the metadata.
+
+    Example:
+      >>> patch = kfor1.load_patch("runs/digits/patches/digits")
+      >>> patch.num_classes, patch.meta["task"]
+      (10, 'digits')
+    """
     directory = os.fspath(directory)
     meta_path = os.path.join(directory, META_FILE)
     weights_path = os.path.join(directory, WEIGHTS_FILE)
@@ -207,7 +235,21 @@ def check_base(patch: Patch, actual: str, what: str = "this patch") -> None:
 def apply_patch(base_variables: dict[str, Any], patch: Patch) -> dict[str, Any]:
     """The task's full variables: the base with the patch's leaves swapped in.
 
-    Refuses a base whose weights differ from the one the patch was trained on.
+    Refuses a base whose weights differ from the one the patch was trained on (its fingerprint
+    over the leaves the patch does not replace), so a patch never silently runs on another base.
+
+    Args:
+      base_variables: the base model's Flax variables (``{"params": ..., "batch_stats": ...}``).
+      patch: a loaded patch (``load_patch``).
+
+    Returns:
+      The task model's variables, the same tree as the base's, its head (features, classes).
+
+    Example:
+      >>> base = kfor1.load_pretrained("efficientnet_lite0")
+      >>> variables = kfor1.apply_patch(base.variables, kfor1.load_patch("patches/cars"))
+      >>> model = base.model.clone(num_classes=196)
+      >>> logits = model.apply(variables, x, train=False)  # (N, 224, 224, 3) -> (N, 196)
     """
     base = flatten(base_variables)
     leaves = flatten(patch.variables)
@@ -315,6 +357,20 @@ def load_patched(
     The base is loaded as the patch records it (``load_base_for``: the pretrained weights, or
     a jointly trained run's exported base; ``weights`` and ``base`` override); a base whose
     weights differ from the patch's is refused.
+
+    Args:
+      directory: the patch directory.
+      weights: a weights file for the base instead of the one the patch records.
+      base: an exported base directory (a ``train_shared`` run's ``base/``) to apply it to.
+
+    Returns:
+      A ``Pretrained``: the model, its variables, its preprocessing and the task's class
+      names; ``predict`` maps images (N, H, W, 3) to probabilities (N, num_classes).
+
+    Example:
+      >>> cars = kfor1.load_patched("runs/cars/patches/cars")
+      >>> probabilities = cars.predict(images)  # images: (N, H, W, 3) uint8
+      >>> cars.class_names[int(probabilities[0].argmax())]
     """
     from kfor1.models import Preprocessing, Pretrained
 

@@ -22,7 +22,22 @@ class GroupSize:
 
 @dataclasses.dataclass(frozen=True)
 class PatchReport:
-    """Plain-data summary; ``str()`` renders it as a table."""
+    """Plain-data summary; ``str()`` renders it as a table.
+
+    Attributes:
+      groups: one ``GroupSize`` per label (``label``, ``leaves``, ``parameters``, ``bytes``),
+        patch groups first, ``"shared"`` last.
+      total_parameters: the model's parameters (BatchNorm statistics not counted).
+      patch_parameters: the parameters one task's patch holds.
+      patch_bytes: their bytes.
+      patch_stat_parameters: the BatchNorm statistics each task holds beside its patch.
+
+    Example:
+      >>> r = kfor1.report(base.variables, labels, "scale_bias+logits")
+      >>> r.patch_fraction  # p, the patch's share of the model
+      >>> r.cost_of_tasks(10)  # ten tasks, in models: (1 - p) + 10 p
+      >>> print(r)  # the table
+    """
 
     groups: tuple[GroupSize, ...]
     total_parameters: int
@@ -62,7 +77,22 @@ class PatchReport:
 
 def report(variables: dict[str, Any], labels: dict[str, Any], spec: Any = None) -> PatchReport:
     """Counts per label group of ``partition(variables, spec[, groups=True])``; ``spec`` says
-    which BatchNorm statistics are per task (``stats_labels``)."""
+    which BatchNorm statistics are per task (``stats_labels``).
+
+    Args:
+      variables: the model's variables (``{"params": ..., "batch_stats": ...}``) or only its
+        parameters (then no statistics are counted); arrays or ``jax.ShapeDtypeStruct``s.
+      labels: the parameters' labels (``kfor1.partition``).
+      spec: the spec the labels come from (for the ``stats`` preset); None: no ``stats``.
+
+    Returns:
+      A ``PatchReport``.
+
+    Example:
+      >>> base = kfor1.load_pretrained("efficientnet_lite0")
+      >>> labels = kfor1.partition(base.variables, "scale_bias+logits", groups=True)
+      >>> print(kfor1.report(base.variables, labels, "scale_bias+logits"))
+    """
     params = flatten(variables.get("params", variables))
     flat_labels = flatten(labels)
     sizes: dict[str, list[int]] = {}

@@ -21,7 +21,20 @@ TASK, DATA = "task", "data"
 
 
 def make_mesh(tasks: int = 1, data: int | None = None) -> Mesh:
-    """A ('task', 'data') mesh over all devices; ``data`` defaults to what is left."""
+    """A ('task', 'data') mesh over all devices; ``data`` defaults to what is left.
+
+    Args:
+      tasks: the size of the 'task' axis (it must divide the number of tasks K).
+      data: the size of the 'data' axis; None: the devices left, ``device_count // tasks``.
+
+    Returns:
+      A ``jax.sharding.Mesh`` of shape (tasks, data), axis names ``("task", "data")``.
+
+    Example:
+      >>> mesh = kfor1.make_mesh(tasks=2)  # 8 devices: (2, 4)
+      >>> dict(mesh.shape)
+      {'task': 2, 'data': 4}
+    """
     n = jax.device_count()
     if data is None:
         if n % tasks:
@@ -63,7 +76,23 @@ def shard_state(
     state: Any, mesh: Mesh, optimizer: optax.GradientTransformation | None = None
 ) -> Any:
     """Places a ``MultiTaskState`` on ``mesh``. Pass ``optimizer`` to also place an existing
-    optimiser state (its moments follow their parameters)."""
+    optimiser state (its moments follow their parameters).
+
+    Args:
+      state: the multi-task state; K must divide over the mesh's 'task' axis.
+      mesh: a ``make_mesh`` mesh.
+      optimizer: the optax transform of ``state.opt_state``; needed when it is not None.
+
+    Returns:
+      The state with patch leaves (K, ...) and per-task statistics split along 'task', shared
+      parameters and the step replicated.
+
+    Example:
+      >>> mesh = kfor1.make_mesh(tasks=2)
+      >>> state = kfor1.shard_state(state, mesh, tx)
+      >>> state.params["head"]["logits"]["kernel"].sharding.spec
+      PartitionSpec('task',)
+    """
     _check_tasks(state, mesh)
     p_shard = param_shardings(state, mesh)
     patch_stats = state.layout.patch_stat_paths()
@@ -100,6 +129,19 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """Places this host's (K, B_local, ...) arrays on the mesh: K over 'task', B over 'data'.
 
     Each host passes only its own slice of the batch axis (multi-host input pipelines).
+
+    Args:
+      batch: a pytree of host arrays, each (K, B_local, ...), e.g. ``{"images": (K, B, H, W,
+        C), "labels": (K, B)}``.
+      mesh: a ``make_mesh`` mesh.
+
+    Returns:
+      The same tree of global ``jax.Array`` s, (K, B_local * processes, ...), sharded
+      ``P('task', 'data')``.
+
+    Example:
+      >>> batch = kfor1.shard_batch({"images": x, "labels": y}, mesh)  # x: (K, B, H, W, 3)
+      >>> state, metrics = step(state, batch, jax.random.key(0))
     """
     sharding = NamedSharding(mesh, P(TASK, DATA))
 

@@ -33,10 +33,30 @@ from kfor1.tree import Flat, flatten, leaf_name, module_path, unflatten
 SHARED = "shared"
 PATCH = "patch"
 PRESETS = ("logits", "scale_bias", "depthwise", "bias", "full", "stats", "none")
+"""The patch presets, joined with ``+`` in a spec: ``logits`` (the head), ``scale_bias``
+(BatchNorm scales and biases, with their statistics), ``depthwise`` (depthwise kernels),
+``bias`` (every bias), ``full`` (everything), ``stats`` (every BatchNorm layer's statistics, no
+parameter: AdaBN), ``none``.
+
+Example:
+    >>> kfor1.partition(variables, "scale_bias+logits")  # a spec of two presets
+"""
 
 
 class PatchSpecError(UserError, ValueError):
-    """A patch spec that cannot be applied to a model, with what to change."""
+    """A patch spec that cannot be applied to a model, with what to change.
+
+    A ``UserError`` and a ``ValueError``; ``partition`` and ``PatchSpec.parse`` raise it.
+
+    Args:
+      *args: the message (what is wrong, and what to write instead).
+
+    Example:
+      >>> try:
+      ...     kfor1.partition(variables, "scale_bias+head")
+      ... except kfor1.PatchSpecError as e:
+      ...     print(e)  # unknown patch preset 'head'; use one of logits, scale_bias, ...
+    """
 
 
 def is_patch(label: str) -> bool:
@@ -49,6 +69,21 @@ class PatchSpec:
 
     Rules are matched with ``re.fullmatch`` against ``a/b/c`` parameter paths; the first rule
     that matches a leaf labels it; labels are ``"shared"``, ``"patch"`` or ``"patch:<group>"``.
+
+    Build one with ``PatchSpec.parse`` (a preset string or a list of rules) or
+    ``PatchSpec.from_text`` (a command line's text); every function that takes a ``spec``
+    accepts any of these forms.
+
+    Attributes:
+      presets: the presets (``PRESETS``), in the order they claim leaves; empty with rules.
+      rules: ``(regex, label)`` pairs, tried in order; empty with presets.
+      head: the classifier's module path for ``logits``; None: the last Dense layer.
+
+    Example:
+      >>> kfor1.PatchSpec.parse("scale_bias+logits").presets
+      ('scale_bias', 'logits')
+      >>> rules = kfor1.PatchSpec.parse([("head/.*", "patch:head"), (".*", "shared")])
+      >>> labels = kfor1.partition(variables, rules, groups=True)  # head leaves: "head"
     """
 
     presets: tuple[str, ...] = ()
@@ -190,6 +225,28 @@ def partition(
     ``params`` may be the full variables dict (``{"params": ..., "batch_stats": ...}``), from
     which BatchNorm layers are recognised. With ``groups=True`` patch leaves are labelled by
     the preset (or ``patch:<group>`` rule) that claimed them, for per-group learning rates.
+
+    Args:
+      params: the parameter tree, or the full variables (then ``batch_stats`` is read there).
+      spec: a preset string (``"scale_bias+logits"``), ``(regex, label)`` rules or a
+        ``PatchSpec``.
+      batch_stats: the BatchNorm statistics, which mark BatchNorm layers; None: layers whose
+        only parameters are 1-D ``scale`` and ``bias``.
+      head: the classifier's module path for ``logits``; None: the last Dense layer.
+      groups: label patch leaves by group (``"scale_bias"``, ``"logits"``) instead of
+        ``"patch"``.
+
+    Returns:
+      A tree shaped like the parameters with one string label per leaf.
+
+    Raises:
+      PatchSpecError: an unknown preset, a rule that matches nothing, a leaf no rule covers.
+
+    Example:
+      >>> base = kfor1.load_pretrained("efficientnet_lite0")
+      >>> labels = kfor1.partition(base.variables, "scale_bias+logits", groups=True)
+      >>> labels["head"]["logits"]["kernel"], labels["stem"]["conv"]["kernel"]
+      ('logits', 'shared')
     """
     if "params" in params and isinstance(params["params"], Mapping):
         batch_stats = params.get("batch_stats", batch_stats)
@@ -245,6 +302,20 @@ def stats_labels(
     A BN layer's statistics belong to the patch when its scale or bias does (the scale-and-bias
     patch owns its moving statistics), and every layer's do when ``spec`` has the ``stats``
     preset (AdaBN). Patch statistics are re-estimated on each task's data during training.
+
+    Args:
+      batch_stats: the model's BatchNorm statistics (``variables["batch_stats"]``).
+      labels: the parameters' labels (``partition``).
+      spec: the patch spec; only its ``stats`` preset matters here. None: no ``stats``.
+
+    Returns:
+      A tree shaped like ``batch_stats``: ``"patch"`` (per task) or ``"shared"`` per leaf.
+
+    Example:
+      >>> labels = kfor1.partition(base.variables, "logits")
+      >>> stats = kfor1.stats_labels(base.variables["batch_stats"], labels, "stats+logits")
+      >>> stats["stem"]["bn"]["mean"]  # with "logits" alone: 'shared'
+      'patch'
     """
     own_all = spec is not None and PatchSpec.parse(spec).owns_all_stats
     flat_labels = flatten(labels)

@@ -10,7 +10,7 @@ same compiled step. Single-task transfer learning is simply K = 1.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import chex
@@ -20,128 +20,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kfor1.microbatch import (
-    MicroBatch,
-    TaskChunk,
-    map_micro_batches,
-    map_task_chunks,
-    resolve_task_chunk,
+from kfor1.microbatch import MicroBatch, TaskChunk, map_task_chunks, resolve_task_chunk
+from kfor1.multitask import MultiTaskState
+from kfor1.task_axis import (
+    MASKED_LOGIT,
+    Split,
+    group_batches,
+    place,
+    resolution_groups,
+    take,
+    task_forward,
 )
-from kfor1.multitask import Layout, MultiTaskState
 from kfor1.tree import flatten, module_path, unflatten
 
-Batch = Mapping[str, jax.Array]
+__all__ = ["make_eval_step", "make_predict_fn", "make_stats_step", "make_train_step"]
 _STEP_IDS = itertools.count()
-# Padded classes get this logit: exp() underflows to exactly 0 in float32.
-MASKED_LOGIT = -1e9
-
-
-def resolution_groups(layout: Layout, groups: Sequence[Sequence[int]] | None = None):
-    """Task indices per resolution group: given, else by the tasks' ``resolution``."""
-    k = layout.num_tasks
-    if groups is None:
-        order: dict[Any, list[int]] = {}
-        for i, task in enumerate(layout.tasks):
-            order.setdefault(task.resolution, []).append(i)
-        return tuple(tuple(g) for g in order.values())
-    groups = tuple(tuple(int(i) for i in g) for g in groups)
-    for g in groups:
-        if not g:
-            raise ValueError(
-                "a resolution group has no tasks; remove it or give it task indices"
-            )
-    flat = sorted(i for g in groups for i in g)
-    if flat != list(range(k)):
-        raise ValueError(
-            f"resolution groups {groups} must cover each of the {k} task indices exactly once"
-        )
-    return groups
-
-
-def _group_batches(batch: Any, groups: tuple[tuple[int, ...], ...]) -> tuple[Batch, ...]:
-    batches = (batch,) if isinstance(batch, Mapping) else tuple(batch)
-    if len(batches) != len(groups):
-        raise ValueError(
-            f"got {len(batches)} batches for {len(groups)} resolution groups {groups}; pass "
-            "one {'images', 'labels'} dict per group, in group order"
-        )
-    for g, b in zip(groups, batches):
-        if "images" not in b:
-            raise ValueError(f"a batch needs 'images' (K, B, H, W, C), got keys {list(b)}")
-        images = b["images"]
-        if images.ndim != 5 or images.shape[0] != len(g):
-            raise ValueError(
-                f"images of shape {images.shape} for a group of {len(g)} tasks; expected "
-                f"(K={len(g)}, B, H, W, C): K of the batch must equal K of the state"
-            )
-        if "labels" in b and b["labels"].shape != images.shape[:2]:
-            raise ValueError(
-                f"labels of shape {b['labels'].shape} do not match images {images.shape}; "
-                "expected (K, B)"
-            )
-    return batches
-
-
-class _Split:
-    """The state's flat parameters and statistics, split into patch (stacked) and shared."""
-
-    def __init__(self, state: MultiTaskState):
-        layout = state.layout
-        patch, patch_stats = layout.patch_paths(), layout.patch_stat_paths()
-        params, stats = flatten(state.params), flatten(state.batch_stats)
-        self.patch = {p: v for p, v in params.items() if p in patch}
-        self.shared = {p: v for p, v in params.items() if p not in patch}
-        self.patch_stats = {p: v for p, v in stats.items() if p in patch_stats}
-        self.shared_stats = {p: v for p, v in stats.items() if p not in patch_stats}
-        self.has_stats = bool(stats)
-
-
-def _take(tree: dict[str, jax.Array], idx: tuple[int, ...], k: int) -> dict[str, jax.Array]:
-    if idx == tuple(range(k)):
-        return tree
-    index = np.asarray(idx)
-    return {p: v[index] for p, v in tree.items()}
-
-
-def _place(full: jax.Array, part: jax.Array, idx: tuple[int, ...], k: int) -> jax.Array:
-    if idx == tuple(range(k)):
-        return part
-    return full.at[np.asarray(idx)].set(part)
-
-
-def _forward(
-    model: nn.Module,
-    train_kwarg: str,
-    split: _Split,
-    train: bool,
-    update_stats: bool,
-    micro_batch: MicroBatch = None,
-):
-    """A single task's forward pass: f(patch_k, stats_k, shared, shared_stats, x, key).
-
-    Inference (``train`` and ``update_stats`` False) runs over ``micro_batch``-image chunks.
-    """
-
-    def forward(patch, patch_stats, shared, shared_stats, images, key):
-        variables = {"params": unflatten({**shared, **patch})}
-        if split.has_stats:
-            variables["batch_stats"] = unflatten({**shared_stats, **patch_stats})
-        kwargs = {train_kwarg: train}
-        if train:
-            kwargs["rngs"] = {"dropout": key}
-        if update_stats:
-            logits, updates = model.apply(variables, images, mutable=["batch_stats"], **kwargs)
-            new_stats = flatten(updates["batch_stats"])
-        elif train:
-            logits, new_stats = model.apply(variables, images, **kwargs), {}
-        else:
-            logits = map_micro_batches(
-                lambda x: model.apply(variables, x, **kwargs), images, micro_batch
-            )
-            new_stats = {}
-        return logits.astype(jnp.float32), new_stats
-
-    return forward
 
 
 def make_train_step(
@@ -155,12 +48,7 @@ def make_train_step(
     donate: bool = True,
     task_chunk: TaskChunk = "auto",
 ) -> Callable[[MultiTaskState, Any, jax.Array], tuple[MultiTaskState, dict[str, jax.Array]]]:
-    """Returns ``step(state, batch, rng) -> (state, metrics)``, jitted.
-
-    ``batch`` is ``{"images": (K, B, H, W, C), "labels": (K, B)}``, or a sequence of such dicts,
-    one per resolution group. ``metrics`` holds per-task ``loss`` and ``accuracy`` of shape (K,).
-    ``model`` is a Flax module whose classifier has ``max(num_classes)`` outputs and whose
-    ``__call__`` takes ``train_kwarg`` (True: BN uses batch statistics, dropout on).
+    """Builds the jitted step that trains all K tasks' patches at once.
 
     BatchNorm runs in training mode, updating statistics, when the patch owns BN statistics and
     trains something below the head, or the shared backbone is trained (``train_shared=True``,
@@ -173,6 +61,30 @@ def make_train_step(
     on a single CPU device, where a chunk's activations stay in cache (faster steps, longer
     compilation: ``benchmarks/README.md``); all tasks at once on accelerators and meshes. None:
     all tasks at once.
+
+    Args:
+      model: the Flax module, its classifier with ``state.layout.max_classes`` outputs; its
+        ``__call__`` takes ``train_kwarg`` (True: BN uses batch statistics, dropout on).
+      optimizer: the optax transform the state was built with (``patch_optimizer``).
+      train_shared: also train the shared backbone (multi-task learning with a joint backbone).
+      groups: task indices per resolution group; None groups tasks by ``Task.resolution``.
+      train_kwarg: the name of the model's training-mode keyword.
+      max_traces: fail if the step is traced more often (a test's guard against retracing).
+      donate: donate the input state's buffers to the output (the caller's state is consumed).
+      task_chunk: tasks per chunk inside the step: an int, "auto" or None (see above).
+
+    Returns:
+      ``step(state, batch, rng) -> (state, metrics)``. ``batch`` is ``{"images": (K, B, H, W,
+      C), "labels": (K, B)}`` int labels, or a sequence of such dicts, one per resolution group;
+      ``rng`` a PRNG key (dropout). ``metrics`` holds per-task ``loss`` and ``accuracy`` (K,).
+
+    Example:
+      >>> labels = kfor1.partition(base.variables, "scale_bias+logits")
+      >>> tx = kfor1.patch_optimizer(optax.adam(1e-3), labels)
+      >>> state = kfor1.init_multitask(base.variables, labels, tasks, tx)
+      >>> step = kfor1.make_train_step(base.model.clone(num_classes=10), tx)
+      >>> state, metrics = step(state, {"images": x, "labels": y}, jax.random.key(0))
+      >>> metrics["loss"].shape  # (K,)
     """
     if task_chunk != "auto":
         resolve_task_chunk(task_chunk, 1, 1)  # Rejects a bad value now, not at the first step.
@@ -181,13 +93,13 @@ def make_train_step(
         layout = state.layout
         k = layout.num_tasks
         task_groups = resolution_groups(layout, groups)
-        batches = _group_batches(batch, task_groups)
-        split = _Split(state)
+        batches = group_batches(batch, task_groups)
+        split = Split(state)
         below_head = any(module_path(p) != layout.head for p in split.patch)
         bn_train = (bool(split.patch_stats) and below_head) or (train_shared and split.has_stats)
         class_mask = jnp.asarray(layout.class_mask())
         keys = jax.random.split(rng, k)
-        forward = _forward(model, train_kwarg, split, bn_train, bn_train)
+        forward = task_forward(model, train_kwarg, split, bn_train, bn_train)
         frozen = {} if train_shared else split.shared
 
         def total_loss(patch, shared_trainable):
@@ -209,14 +121,14 @@ def make_train_step(
 
                 chunk = resolve_task_chunk(task_chunk, len(idx), b["images"].shape[1])
                 loss, acc, new_stats = map_task_chunks(task_loss, (
-                    _take(patch, idx, k), _take(split.patch_stats, idx, k),
+                    take(patch, idx, k), take(split.patch_stats, idx, k),
                     b["images"], b["labels"], class_mask[index], keys[index],
                 ), chunk)
                 total = total + loss.sum()
-                losses = _place(losses, loss, idx, k)
-                accuracy = _place(accuracy, acc, idx, k)
+                losses = place(losses, loss, idx, k)
+                accuracy = place(accuracy, acc, idx, k)
                 for p in patch_stats if bn_train else ():
-                    patch_stats[p] = _place(patch_stats[p], new_stats[p], idx, k)
+                    patch_stats[p] = place(patch_stats[p], new_stats[p], idx, k)
                 shared_stats_per_task.append(
                     {p: v for p, v in new_stats.items() if p in split.shared_stats}
                 )
@@ -267,19 +179,36 @@ def make_eval_step(
     train_kwarg: str = "train",
     micro_batch: MicroBatch = "auto",
 ) -> Callable[[MultiTaskState, Any], dict[str, jax.Array]]:
-    """Returns ``eval_step(state, batch) -> metrics`` with per-task sums of shape (K,):
-    ``loss_sum``, ``correct`` and ``count``. An optional ``mask`` (K, B) in the batch marks real
-    examples, so the last, padded batch of an epoch counts correctly. Each task's batch runs in
-    chunks of ``micro_batch`` images (``kfor1.microbatch``: "auto" splits CPU batches of 64+).
+    """Builds the jitted evaluation of all K tasks: sums, so batches add up to a split's accuracy.
+
+    BatchNorm runs in inference mode with each task's statistics; padded classes are masked.
+
+    Args:
+      model: the Flax module, as for ``make_train_step``.
+      groups: task indices per resolution group; None groups tasks by ``Task.resolution``.
+      train_kwarg: the name of the model's training-mode keyword.
+      micro_batch: images per chunk of each task's batch (``kfor1.microbatch``: "auto" splits
+        CPU batches of 64 or more; None: the batch at once).
+
+    Returns:
+      ``eval_step(state, batch) -> metrics``, with per-task sums of shape (K,): ``loss_sum``,
+      ``correct`` and ``count``. ``batch`` is ``{"images": (K, B, H, W, C), "labels": (K, B)}``
+      (or one such dict per resolution group); an optional ``mask`` (K, B) marks real examples,
+      so the last, padded batch of a split counts correctly.
+
+    Example:
+      >>> eval_step = kfor1.make_eval_step(model)
+      >>> sums = eval_step(state, {"images": x, "labels": y, "mask": real})
+      >>> accuracy = sums["correct"] / sums["count"]  # (K,)
     """
 
     def step(state: MultiTaskState, batch: Any) -> dict[str, jax.Array]:
         layout = state.layout
         k = layout.num_tasks
         task_groups = resolution_groups(layout, groups)
-        batches = _group_batches(batch, task_groups)
-        split = _Split(state)
-        forward = _forward(model, train_kwarg, split, False, False, micro_batch)
+        batches = group_batches(batch, task_groups)
+        split = Split(state)
+        forward = task_forward(model, train_kwarg, split, False, False, micro_batch)
         class_mask = jnp.asarray(layout.class_mask())
         out = {name: jnp.zeros((k,)) for name in ("loss_sum", "correct", "count")}
         for idx, b in zip(task_groups, batches):
@@ -294,11 +223,11 @@ def make_eval_step(
                 return (loss * w).sum(), (correct * w).sum(), w.sum()
 
             loss, correct, count = jax.vmap(task_metrics)(
-                _take(split.patch, idx, k), _take(split.patch_stats, idx, k),
+                take(split.patch, idx, k), take(split.patch_stats, idx, k),
                 b["images"], b["labels"], weights, class_mask[index],
             )
             for name, value in zip(("loss_sum", "correct", "count"), (loss, correct, count)):
-                out[name] = _place(out[name], value, idx, k)
+                out[name] = place(out[name], value, idx, k)
         return out
 
     return jax.jit(step)
@@ -307,23 +236,36 @@ def make_eval_step(
 def make_stats_step(
     model: nn.Module, *, groups: Sequence[Sequence[int]] | None = None, train_kwarg: str = "train"
 ) -> Callable[[MultiTaskState, Any, jax.Array], dict[str, jax.Array]]:
-    """Returns ``stats_step(state, batch, rng) -> {path: (K, C)}``: each task's batch mean and
-    variance at every BatchNorm layer whose statistics the patch owns (``batch_stats`` paths,
-    ``.../mean`` and ``.../var``), with the network in training mode (each layer normalised by
-    its batch's statistics) and no gradient. ``kfor1.adabn`` averages them over batches.
+    """Builds the jitted pass that measures each task's BatchNorm statistics (the ``stats`` patch).
 
-    Any BatchNorm with Flax's update ``new = m * old + (1 - m) * batch`` works, whatever its
-    momentum ``m``: the step applies the model from statistics of 0 and of 1, which gives
-    ``(1 - m) * batch`` and ``m``.
+    The network runs in training mode (each layer normalised by its batch's statistics) with no
+    gradient; ``kfor1.adabn`` averages the result over batches. Any BatchNorm with Flax's update
+    ``new = m * old + (1 - m) * batch`` works, whatever its momentum ``m``: the step applies the
+    model from statistics of 0 and of 1, which gives ``(1 - m) * batch`` and ``m``.
+
+    Args:
+      model: the Flax module, as for ``make_train_step``.
+      groups: task indices per resolution group; None groups tasks by ``Task.resolution``.
+      train_kwarg: the name of the model's training-mode keyword.
+
+    Returns:
+      ``stats_step(state, batch, rng) -> {path: (K, C)}``: each task's batch mean and variance
+      at every BatchNorm layer whose statistics the patch owns (``batch_stats`` paths ending in
+      ``/mean`` and ``/var``). ``batch`` holds ``"images"`` (K, B, H, W, C).
+
+    Example:
+      >>> stats_step = kfor1.make_stats_step(model)
+      >>> stats = stats_step(state, {"images": x}, jax.random.key(0))
+      >>> stats["blocks_0/depthwise/bn/mean"].shape  # (K, 32) on EfficientNet-Lite0
     """
 
     def step(state: MultiTaskState, batch: Any, rng: jax.Array) -> dict[str, jax.Array]:
         layout = state.layout
         k = layout.num_tasks
         task_groups = resolution_groups(layout, groups)
-        batches = _group_batches(batch, task_groups)
-        split = _Split(state)
-        forward = _forward(model, train_kwarg, split, True, True)
+        batches = group_batches(batch, task_groups)
+        split = Split(state)
+        forward = task_forward(model, train_kwarg, split, True, True)
         keys = jax.random.split(rng, k)
         out = {p: jnp.zeros_like(v) for p, v in split.patch_stats.items()}
         for idx, b in zip(task_groups, batches):
@@ -337,10 +279,10 @@ def make_stats_step(
                 return {q: zero[q] / (1.0 - (one[q] - zero[q])) for q in ps}
 
             stats = jax.vmap(task_stats)(
-                _take(split.patch, idx, k), _take(split.patch_stats, idx, k), b["images"],
+                take(split.patch, idx, k), take(split.patch_stats, idx, k), b["images"],
                 keys[np.asarray(idx)],
             )
-            out = {p: _place(out[p], stats[p], idx, k) for p in out}
+            out = {p: place(out[p], stats[p], idx, k) for p in out}
         return out
 
     return jax.jit(step)
@@ -349,13 +291,26 @@ def make_stats_step(
 def make_predict_fn(
     model: nn.Module, *, train_kwarg: str = "train", micro_batch: MicroBatch = "auto"
 ) -> Callable[[MultiTaskState, jax.Array], jax.Array]:
-    """Returns ``predict(state, images (K, B, H, W, C)) -> probabilities (K, B, max_classes)``,
-    with padded classes at exactly 0; in chunks of ``micro_batch`` images, as ``make_eval_step``.
+    """Builds the jitted K-task inference: every task's class probabilities for its images.
+
+    Args:
+      model: the Flax module, as for ``make_train_step``.
+      train_kwarg: the name of the model's training-mode keyword.
+      micro_batch: images per chunk of each task's batch, as for ``make_eval_step``.
+
+    Returns:
+      ``predict(state, images) -> probabilities``: images (K, B, H, W, C), preprocessed as in
+      training, give (K, B, max_classes) probabilities, padded classes at exactly 0.
+
+    Example:
+      >>> predict = kfor1.make_predict_fn(model)
+      >>> probabilities = predict(state, x)  # x: (K, B, H, W, 3)
+      >>> top1 = probabilities.argmax(-1)  # (K, B)
     """
 
     def predict(state: MultiTaskState, images: jax.Array) -> jax.Array:
-        split = _Split(state)
-        forward = _forward(model, train_kwarg, split, False, False, micro_batch)
+        split = Split(state)
+        forward = task_forward(model, train_kwarg, split, False, False, micro_batch)
         mask = jnp.asarray(state.layout.class_mask())
 
         def one(p, ps, x, m):

@@ -36,7 +36,8 @@ from kfor1.metrics import MetricsLog, eval_scalars, summary, train_scalars
 from kfor1.multitask import task_variables
 from kfor1.patchfile import describe, load_patch, start_from_patch
 from kfor1.report import report
-from kfor1.step import make_eval_step, make_train_step, resolution_groups
+from kfor1.step import make_eval_step, make_train_step
+from kfor1.task_axis import resolution_groups
 from kfor1.workdir import Workdir, export_patches, locked, save_run
 
 __all__ = ["TrainingError", "train"]

@@ -15,6 +15,19 @@ Modules of this package, in the order they build on each other:
 - ``fused``: inference blocks in one kernel (BatchNorm + ReLU6, the 1x1 expansion);
 - ``modules``: ``Conv`` and ``DepthwiseConv``, ``flax.linen`` modules over the above;
 - ``norm``: ``BatchNorm``, Flax's, with a closed-form training gradient.
+
+Example:
+  >>> x = jnp.ones((2, 32, 32, 16))  # NHWC
+  >>> kfor1.layers.depthwise_conv(x, jnp.ones((3, 3, 1, 16)), strides=2).shape  # (kh, kw, 1, C)
+  (2, 16, 16, 16)
+  >>> kfor1.layers.conv(x, jnp.ones((1, 1, 16, 24))).shape  # 1x1: a matrix product off XLA
+  (2, 32, 32, 24)
+  >>> layer = kfor1.layers.DepthwiseConv(kernel_size=5, strides=2)
+  >>> variables = layer.init(jax.random.key(0), x)
+  >>> variables["params"]["kernel"].shape, layer.apply(variables, x).shape
+  ((5, 5, 1, 16), (2, 16, 16, 16))
+  >>> kfor1.layers.resolve_impl("auto")  # on the CPU backend; "xla" on GPU/TPU
+  'fast_cpu'
 """
 
 from kfor1.layers import native, norm

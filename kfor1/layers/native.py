@@ -9,6 +9,19 @@ its pure-JAX path (same results), with one warning saying why.
 The depthwise convolution (forward, and its kernel gradient) lives here: XLA:CPU's code for it
 is load-bound (see ``benchmarks/README.md``), and it is a quarter to a third of an EfficientNet
 step on CPU. So do BatchNorm's paired channel sums, one pass where XLA makes two.
+
+Callers check ``depthwise_available()`` first (it builds or loads the library); the kernels take
+float32 NHWC arrays on the CPU.
+
+Example:
+  >>> kfor1.native.depthwise_available()  # False without a compiler, or with KFOR1_NATIVE=0
+  True
+  >>> x, kernel = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 1, 4))
+  >>> kfor1.native.depthwise_conv(x, kernel, strides=(1, 1), pads=((1, 1), (1, 1))).shape
+  (1, 8, 8, 4)
+  >>> total, squares = kfor1.native.channel_sums(x, x)  # sum(x), sum(x * x) per channel
+  >>> total.shape, float(squares[0])
+  ((4,), 64.0)
 """
 
 from __future__ import annotations

@@ -11,6 +11,17 @@ does not fit in cache, and a patch step is bandwidth-bound: BatchNorm was a larg
 EfficientNet-Lite0 patch step on CPU (``benchmarks/README.md``). The closed-form gradient needs
 two sums (``sum(dy)`` and ``sum(dy * x)``) and one elementwise pass, and keeps only ``x``, which
 the convolution before it has materialised anyway.
+
+Example:
+  >>> bn = kfor1.norm.BatchNorm(momentum=0.9)
+  >>> x = jax.random.normal(jax.random.key(0), (8, 4, 4, 16))  # NHWC
+  >>> variables = bn.init(jax.random.key(1), x, use_running_average=True)
+  >>> y, updates = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+  >>> updates["batch_stats"]["mean"].shape  # running averages, moved towards x's statistics
+  (16,)
+  >>> bn.apply(variables, x, use_running_average=True).shape  # inference: running averages
+  (8, 4, 4, 16)
+  >>> y, mean, var = kfor1.norm.batch_norm_train(x, jnp.ones(16), jnp.zeros(16), 1e-5)
 """
 
 from __future__ import annotations
@@ -93,6 +104,23 @@ class BatchNorm(nn.Module):
 
     Same fields and variables as Flax's for what kfor1's models use (no ``axis_name``: under
     ``jit`` a batch sharded over devices gets global statistics anyway).
+
+    Attributes:
+      use_running_average: normalise with the running statistics (inference) instead of the
+        batch's (training); set here or in the call, not both.
+      momentum: the running averages' decay: ``new = momentum * old + (1 - momentum) * batch``.
+      epsilon: added to the variance before its square root.
+      dtype: the output's dtype; None: promoted from the input and parameters.
+      param_dtype: the dtype of ``scale`` and ``bias``.
+      scale_init: the initialiser of ``scale``, shape ``(C,)`` (default: ones).
+      bias_init: the initialiser of ``bias``, shape ``(C,)`` (default: zeros).
+
+    Example:
+      >>> bn = kfor1.layers.BatchNorm()
+      >>> x = jnp.ones((8, 4, 4, 16))  # NHWC
+      >>> variables = bn.init(jax.random.key(0), x, use_running_average=True)
+      >>> jax.tree.map(jnp.shape, variables)["batch_stats"]
+      {'mean': (16,), 'var': (16,)}
     """
 
     use_running_average: bool | None = None
@@ -100,8 +128,12 @@ class BatchNorm(nn.Module):
     epsilon: float = 1e-5
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    # Flax's initialisers: pdoc renders them as functions and cannot resolve the annotations of
+    # jax's re-exported signatures, so their pages leave them out (described in the docstring).
     scale_init: nn.initializers.Initializer = nn.initializers.ones
+    """@private"""
     bias_init: nn.initializers.Initializer = nn.initializers.zeros
+    """@private"""
 
     @nn.compact
     def __call__(

