@@ -74,7 +74,12 @@ def test_predict_reports_a_bad_file_and_goes_on(trained_run, colours, tmp_path, 
     results = json.loads(captured.out)
     assert [("top" in r, "error" in r) for r in results] == [(True, False), (False, True),
                                                              (True, False)]
-    assert results[0]["top"][0]["name"] == "red" and results[2]["top"][0]["name"] == "red"
+    # The good files are classified as they are without the bad one beside them (what the
+    # model predicts after a 6-step run is not the point, and differs between processors).
+    assert cli.main(["predict", "--patch", str(workdir / "patches" / "colours"), str(good[0]),
+                     str(good[1]), "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert [results[0], results[2]] == alone
     assert "bad.jpg" in captured.err and "1 of 3 images could not be read" in captured.err
 
 

@@ -164,7 +164,13 @@ def test_device_check_on_the_cpu(tmp_path, capsys):
     """``benchmarks/device_check.py`` (the GPU script's first stage) refuses the CPU unless
     told, and with ``--allow-cpu`` runs its checks here: the CPU-only paths are on (as expected
     on a CPU), the compiled steps call kfor1's CPU kernels, and a K = 3 step with three class
-    counts equals three single-task steps to 1e-5."""
+    counts equals three single-task steps.
+
+    The bound here is 1e-4, not the script's default 1e-5 (the issue's bound on a GPU): on the
+    CPU the K-task and single-task steps reduce in different orders, and the float32 rounding
+    left depends on the processor (3.9e-6 on one machine, 1.3e-5 on another). Tasks that mixed
+    (a wrong slice, a shared statistic) would differ by orders of magnitude more.
+    """
     if str(BENCHMARKS.parent) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS.parent))
     check = importlib.import_module("benchmarks.device_check")
@@ -172,12 +178,12 @@ def test_device_check_on_the_cpu(tmp_path, capsys):
     assert "this check is for a GPU or TPU" in capsys.readouterr().err
     out_json = tmp_path / "check.json"
     assert check.main(["--allow-cpu", "--resolution", "64", "--specs", "scale_bias+logits",
-                       "--precisions", "float32", "--json", str(out_json)]) == 0
+                       "--precisions", "float32", "--tol", "1e-4", "--json", str(out_json)]) == 0
     assert capsys.readouterr().out.rstrip().endswith("device check: passed")
     results = json.loads(out_json.read_text())
     assert results["cpu_paths"]["ok"] and results["failures"] == []
     found = results["scale_bias+logits at float32 precision"]
-    assert max(found["errors"].values()) <= 1e-5
+    assert max(found["errors"].values()) <= 1e-4
     assert "kfor1_depthwise_conv" in found["kernel_calls"]
 
 
