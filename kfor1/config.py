@@ -59,6 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
     # True: a folder's undecodable images are left out (named in the log and summary.json)
     # instead of stopping the run before it starts.
     c.skip_bad_images = False
+    # True: each task's training images are decoded once and kept in memory (uint8, the shorter
+    # side at most twice the resolution; kfor1.data.cache): later epochs skip decoding. Refused
+    # before training when the estimate is over half of the available memory.
+    c.cache_images = False
     # A fraction (e.g. "0.1") of each task's train split held out, stratified and seeded: the
     # periodic evaluations (eval_every) read it, and the test split is read only at the end.
     # 'split': the source's own validation split (a folder's val/, a tfds dataset's validation

@@ -250,4 +250,26 @@ def setup(
                    None if class_names is None else class_names[i])
         for i, t in enumerate(config.tasks)
     )
+    if train and config.cache_images:
+        check_cache_fits(tasks)
     return Setup(config, base, spec, labels, optimizer, schedules, tasks, mesh, chunk)
+
+
+def check_cache_fits(tasks: Sequence[TaskData], available: int | None = None) -> None:
+    """Refuses ``config.cache_images`` when the decoded training splits, estimated from a few
+    images each (``kfor1.data.cache.estimate_bytes``), need over half of ``available`` memory
+    (default: what this machine has available now)."""
+    from kfor1.data.cache import available_memory, estimate_bytes
+
+    available = available_memory() if available is None else available
+    sizes = {t.task.name: estimate_bytes(t.train, t.task.resolution,
+                                         t.info.num_examples.get("train"))
+             for t in tasks}
+    total = sum(sizes.values())
+    if available and total > available / 2:
+        largest = max(sizes, key=sizes.get)
+        raise ConfigError(
+            f"config.cache_images: the decoded training images would take about "
+            f"{total / 1e9:.1f} GB (task {largest!r}: {sizes[largest] / 1e9:.1f} GB), and "
+            f"{available / 1e9:.1f} GB of memory is available; set config.cache_images=False "
+            "or train at a lower resolution")

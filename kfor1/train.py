@@ -181,7 +181,7 @@ def _train_iterators(s: Setup, start_step: int) -> list[Iterator[dict[str, np.nd
             t.train, resolution=t.task.resolution, mean=pre.mean, std=pre.std,
             batch_size=local_batch, seed=s.config.seed + 1000 * i, augment=augment,
             start_step=start_step, process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            process_count=jax.process_count(), cache=bool(s.config.cache_images),
         )
         for i, t in enumerate(s.tasks)
     ]

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from kfor1.data._tf import tf
+from kfor1.data.cache import decoded_cache
 from kfor1.data.decode import decode_example
 from kfor1.data.errors import DataError
 from kfor1.data.transforms import Augment, augment_image, eval_image, normalize
@@ -69,6 +70,7 @@ def train_batches(
     shuffle_buffer: int = 10_000,
     process_index: int = 0,
     process_count: int = 1,
+    cache: bool = False,
 ) -> Iterator[Batch]:
     """Infinite training batches: ``images`` float32 (B, res, res, 3), ``labels`` int32 (B,).
 
@@ -81,6 +83,10 @@ def train_batches(
     With ``process_count`` > 1, ``batch_size`` is this process's part: process ``p`` yields
     rows ``[p * batch_size, (p + 1) * batch_size)`` of the batches a single process would
     yield with ``batch_size * process_count``.
+
+    ``cache`` decodes the split once and keeps it in memory (``kfor1.data.cache``: uint8, the
+    shorter side at most twice ``resolution``); shuffling, the resume skip and augmentation then
+    work on pixels, and only the first epoch decodes. Each process then caches the whole split.
     """
     _check_args(resolution, batch_size, mean, std, process_index, process_count)
     if start_step < 0 or shuffle_buffer <= 0:
@@ -89,10 +95,16 @@ def train_batches(
         )
     if int(ds.cardinality()) == 0:
         raise DataError("no training examples")
+    if cache:
+        ds = decoded_cache(ds, resolution)
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     # Number examples before the skip, so each keeps its augmentation seed across resumes.
     ds = ds.enumerate().skip(start_step * batch_size * process_count)
-    if process_count > 1:
+    if process_count > 1 and cache:
+        # Decoded images differ in size, so rows are picked one by one: example j of the
+        # stream is row j mod (B * P) of its global batch, this process's when j // B is p mod P.
+        ds = ds.filter(lambda index, _: (index // batch_size) % process_count == process_index)
+    elif process_count > 1:
         # Every process walks the same (undecoded, cheap) stream and decodes only its rows of
         # each global batch: the global batches, and so the run, do not depend on how many
         # processes feed them.
@@ -100,7 +112,8 @@ def train_batches(
         ds = ds.batch(batch_size * process_count, drop_remainder=True).map(
             lambda index, example: (index[rows], {k: v[rows] for k, v in example.items()})
         ).unbatch()
-    ds = _decoded(ds)
+    if not cache:
+        ds = _decoded(ds)
 
     def prepare(index, example):
         image_seed = tf.stack([tf.constant(seed, tf.int64), index])
