@@ -194,11 +194,12 @@ def test_end_to_end_tiny(tmp_path, capsys):
         sys.path.insert(0, str(BENCHMARKS.parent))
     e2e = importlib.import_module("benchmarks.end_to_end")
     out_json = tmp_path / "e2e.json"
-    assert e2e.main(["--tiny", "--json", str(out_json)]) == 0
+    assert e2e.main(["--tiny", "--cache", "--json", str(out_json)]) == 0
     [row] = json.loads(out_json.read_text())
     assert row["resolution"] == 32 and len(row["logged_rates"]) == 2
     assert row["trainer_images_per_s"] > 0 and row["step_alone_images_per_s"] > 0
     assert row["input_alone_images_per_s"] > 0 and row["ratio"] > 0
+    assert row["cached_input_images_per_s"] > 0 and row["cache_fill_s"] > 0
     assert "| 32 |" in capsys.readouterr().out
 
 
