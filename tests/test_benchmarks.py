@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -257,3 +259,49 @@ def test_profile_classifies_hlo():
         "copy_fusion.9": "data movement", "p": "other", "add.0": "elementwise",
         "reduce.0": "BatchNorm sums", "dot.0": "matrix products", "copy.0": "data movement",
     }
+
+
+def test_adabn_layers_tiny(tmp_path, capsys):
+    """``benchmarks/adabn_layers.py --tiny``: statistics re-estimated for chosen layers, each
+    probed (its numbers mean nothing at this size); every layer's statistics are the pooled
+    moments, so the all-layers variant differs from ImageNet's."""
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    layers = importlib.import_module("benchmarks.adabn_layers")
+    out_json = tmp_path / "adabn.json"
+    assert layers.main(["--tiny", "--json", str(out_json)]) == 0
+    rows = json.loads(out_json.read_text())
+    assert [r["variant"] for r in rows] == ["ImageNet's statistics (logits alone)",
+                                            "all layers (AdaBN, the stats patch)", "stem only"]
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert "| stem only |" in capsys.readouterr().out
+
+
+def test_adabn_layers_estimate_is_flax_batch_statistics():
+    """With every layer's share 1 and one batch, ``estimate`` gives what Flax's training-mode
+    BatchNorm measures (the reference), layer by layer."""
+    import flax.linen as nn
+    import jax
+
+    from kfor1.tree import flatten
+
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    layers = importlib.import_module("benchmarks.adabn_layers")
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.0, name="bn1")(
+                nn.Conv(4, (3, 3), name="c1")(x))
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.0, name="bn2")(
+                nn.Conv(4, (3, 3), name="c2")(nn.relu(x)))
+            return x.mean((1, 2))
+
+    x = jax.random.normal(jax.random.key(0), (16, 8, 8, 3)) * 3 + 1
+    variables = Net().init(jax.random.key(1), x, train=False)
+    _, updates = Net().apply(variables, x, train=True, mutable=["batch_stats"])
+    ours = flatten(layers.estimate(Net(), variables, np.asarray(x), lambda i, p: 1.0, 16))
+    for path, value in flatten(updates["batch_stats"]).items():  # momentum 0: the batch's.
+        np.testing.assert_allclose(ours[path], value, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(ours["bn2/var"], flatten(variables["batch_stats"])["bn2/var"])
