@@ -42,6 +42,7 @@ MODULES = (
     "kfor1.basefile",
     "kfor1.config",
     "kfor1.data",
+    "kfor1.data.cache",
     "kfor1.errors",
     "kfor1.multitask",
     "kfor1.optim",

@@ -23,7 +23,7 @@ import os
 import numpy as np
 
 from kfor1.data._tf import tf
-from kfor1.data.decode import decode_example
+from kfor1.data.decode import decode_all
 
 __all__ = ["available_memory", "decoded_cache", "estimate_bytes", "shrink"]
 
@@ -49,11 +49,8 @@ def shrink(image: tf.Tensor, resolution: int) -> tf.Tensor:
 
 
 def _decoded_and_shrunk(ds: tf.data.Dataset, resolution: int) -> tf.data.Dataset:
-    def prepare(example):
-        example = decode_example(example)
-        return {**example, "image": shrink(example["image"], resolution)}
-
-    return ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
+    return decode_all(ds).map(lambda e: {**e, "image": shrink(e["image"], resolution)},
+                              num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def decoded_cache(ds: tf.data.Dataset, resolution: int) -> tf.data.Dataset:

@@ -15,7 +15,7 @@ from kfor1.data._tf import tf
 from kfor1.data.errors import DataError
 from kfor1.images import decode_bytes
 
-__all__ = ["decode_example", "decode_image"]
+__all__ = ["decode_all", "decode_example", "decode_image"]
 
 
 def _decode_bytes(data: bytes | np.ndarray) -> np.ndarray:
@@ -65,3 +65,14 @@ def decode_example(example: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     else:
         image = decode_image(example["image"])
     return {"image": image, "label": tf.cast(example["label"], tf.int64)}
+
+
+def decode_all(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """``ds``'s examples decoded in parallel (``decode_example``); examples that fail to decode
+    are skipped with a logged warning. Elements may also be ``(example number, example)``."""
+
+    def decode(*element):
+        *number, example = element
+        return (*number, decode_example(example)) if number else decode_example(example)
+
+    return ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)

@@ -16,7 +16,7 @@ import numpy as np
 
 from kfor1.data._tf import tf
 from kfor1.data.cache import decoded_cache
-from kfor1.data.decode import decode_example
+from kfor1.data.decode import decode_all
 from kfor1.data.errors import DataError
 from kfor1.data.transforms import Augment, augment_image, eval_image, normalize
 
@@ -45,16 +45,6 @@ def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
     options.deterministic = True
     options.experimental_optimization.map_parallelization = True
     return ds.with_options(options)
-
-
-def _decoded(ds: tf.data.Dataset) -> tf.data.Dataset:
-    """Decodes in parallel and skips (with a logged warning) examples that fail to decode."""
-
-    def decode(*element):  # An example, or (example number, example).
-        *number, example = element
-        return (*number, decode_example(example)) if number else decode_example(example)
-
-    return ds.map(decode, num_parallel_calls=_AUTOTUNE).ignore_errors(log_warning=True)
 
 
 def train_batches(
@@ -113,7 +103,7 @@ def train_batches(
             lambda index, example: (index[rows], {k: v[rows] for k, v in example.items()})
         ).unbatch()
     if not cache:
-        ds = _decoded(ds)
+        ds = decode_all(ds)
 
     def prepare(index, example):
         image_seed = tf.stack([tf.constant(seed, tf.int64), index])
@@ -149,7 +139,7 @@ def eval_batches(
     if not 0 < crop_fraction <= 1:
         raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
     total = int(ds.cardinality())
-    ds = _decoded(ds.shard(process_count, process_index))
+    ds = decode_all(ds.shard(process_count, process_index))
 
     def prepare(example):
         view = eval_image(example["image"], resolution, crop_fraction)
