@@ -100,6 +100,8 @@ def estimate(model: nn.Module, variables: dict[str, Any], x: np.ndarray, weight:
     pooled over ``x``, mixed with ImageNet's as the moments of a mixture; one pass in which each
     layer normalises with what it will use."""
 
+    order: list[str] = []  # BatchNorm paths in call order, recorded while tracing.
+
     def run(images):
         found, count = {}, [0]
 
@@ -110,6 +112,8 @@ def estimate(model: nn.Module, variables: dict[str, Any], x: np.ndarray, weight:
                 return next_fun(*args, **kwargs)
             path, i = "/".join(bn.path), count[0]
             count[0] += 1
+            if len(order) < count[0]:
+                order.append(path)
             a = weight(i, path)
             h = args[0].astype(jnp.float32)
             axes = tuple(range(h.ndim - 1))
@@ -137,8 +141,10 @@ def estimate(model: nn.Module, variables: dict[str, Any], x: np.ndarray, weight:
         batches += 1
     stats = flatten(variables["batch_stats"])
     new = dict(stats)
-    for i, (path, (s1, s2)) in enumerate(sums.items()):
-        a = weight(i, path)
+    # jit returns ``found`` with its keys sorted (blocks_0, blocks_1, blocks_10, ..., stem): the
+    # share is looked up by the call-order index the pass used, never by the dict's order.
+    for path, (s1, s2) in sums.items():
+        a = weight(order.index(path), path)
         mean = s1 / batches
         var = np.maximum(s2 / batches - mean**2, 0.0)
         m0 = np.asarray(stats[f"{path}/mean"], np.float64)

@@ -77,7 +77,8 @@ def _add_sweep(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", required=True, help="the sweep's directory (resumed if "
                         "present): runs/, sweep.json, sweep.md, sweep.png")
     parser.add_argument("--patches", help="presets to compare, separated by commas (default: "
-                        "logits,stats+logits,bias+logits,scale_bias+logits,depthwise+logits,"
+                        "logits,input_stats+logits,stats+logits,bias+logits,scale_bias+logits,"
+                        "depthwise+logits,"
                         "depthwise+scale_bias+logits,full)")
     parser.add_argument("--lrs", default="auto", help="learning-rate grid: auto (x0.33,x1,x3 "
                         "of each group's rate), factors (x0.5,x2) or rates (1e-3,1e-2)")

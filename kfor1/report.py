@@ -104,7 +104,8 @@ def report(variables: dict[str, Any], labels: dict[str, Any], spec: Any = None) 
     order = sorted(sizes, key=lambda label: (label == SHARED, label))
     groups = tuple(GroupSize(label, *sizes[label]) for label in order)
     stats = variables.get("batch_stats", {}) if "params" in variables else {}
-    stat_labels = flatten(stats_labels(stats, labels, spec)) if stats else {}
+    stat_labels = flatten(stats_labels(stats, labels, spec, params=variables.get(
+        "params", variables))) if stats else {}
     flat_stats = flatten(stats) if stats else {}
     return PatchReport(
         groups=groups,

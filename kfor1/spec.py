@@ -8,8 +8,10 @@ own optimiser and learning rate.
 BatchNorm *statistics* are labelled apart (``stats_labels``): a BN layer's moving mean and
 variance belong to the patch when its scale or bias does, or, with the ``stats`` preset, for every
 BN layer. ``stats`` is AdaBN (Li et al., 2016): each task re-estimates the statistics on its own
-data, no parameter of the backbone is trained and no gradient flows through it; with ``logits``
-it is the cheapest patch there is.
+data, no parameter of the backbone is trained and no gradient flows through it. ``input_stats``
+re-estimates only the input's: the BatchNorm after the convolution over the image, which is where
+a task's colour and contrast statistics enter the network (``input_batchnorm``). Both own
+statistics only; with ``logits`` they are the cheapest patches there are.
 
 Presets work on any Flax linen model: BatchNorm parameters are found through their matching
 ``batch_stats`` entries, depthwise kernels by their ``(kh, kw, 1, C)`` shape, and the head as
@@ -32,11 +34,12 @@ from kfor1.tree import Flat, flatten, leaf_name, module_path, unflatten
 
 SHARED = "shared"
 PATCH = "patch"
-PRESETS = ("logits", "scale_bias", "depthwise", "bias", "full", "stats", "none")
+PRESETS = ("logits", "scale_bias", "depthwise", "bias", "full", "stats", "input_stats", "none")
 """The patch presets, joined with ``+`` in a spec: ``logits`` (the head), ``scale_bias``
 (BatchNorm scales and biases, with their statistics), ``depthwise`` (depthwise kernels),
 ``bias`` (every bias), ``full`` (everything), ``stats`` (every BatchNorm layer's statistics, no
-parameter: AdaBN), ``none``.
+parameter: AdaBN), ``input_stats`` (the statistics of the BatchNorm after the convolution over
+the image only), ``none``.
 
 Example:
     >>> kfor1.partition(variables, "scale_bias+logits")  # a spec of two presets
@@ -149,6 +152,13 @@ class PatchSpec:
         """True with the ``stats`` preset: every BatchNorm layer's statistics are per task."""
         return "stats" in self.presets
 
+    @property
+    def estimates_stats(self) -> bool:
+        """True with ``stats`` or ``input_stats``: statistics the patch owns without owning
+        their layer's scale and bias, so they are estimated on the task's images before
+        training (``kfor1.adabn``) rather than followed during it."""
+        return bool({"stats", "input_stats"} & set(self.presets))
+
     def describe(self) -> str | list[list[str]]:
         """JSON-friendly form, stored with exported patches."""
         return "+".join(self.presets) if self.presets else [list(r) for r in self.rules]
@@ -207,6 +217,7 @@ def _preset_selectors(
         "full": lambda p: True,
         "none": lambda p: False,
         "stats": lambda p: False,  # BN statistics only: see stats_labels.
+        "input_stats": lambda p: False,
         "logits": lambda p: module_path(p) == classifier,
     }
     return selectors
@@ -294,19 +305,68 @@ def partition(
     return unflatten(labels)
 
 
+def input_batchnorm(params: Mapping[str, Any], batch_stats: Mapping[str, Any]) -> str:
+    """The module path of the BatchNorm that normalises the convolution over the image.
+
+    That convolution is the one 4-D kernel with at most 4 input channels (RGB, gray, RGBA) and
+    more than one output channel (a depthwise kernel has one input channel per group); its
+    BatchNorm is the one BatchNorm layer in the same module (``stem/conv`` -> ``stem/bn``, as in
+    kfor1's models). Its input depends on the image alone, so its statistics are the task's
+    colour and contrast statistics as the network sees them. A model whose layers all sit in one
+    module is refused rather than guessed at: nothing in the variables says which of its
+    BatchNorm layers comes first.
+
+    Args:
+      params: the parameter tree.
+      batch_stats: the BatchNorm statistics.
+
+    Returns:
+      The module path, e.g. ``"stem/bn"``.
+
+    Raises:
+      PatchSpecError: no such convolution, several, or no BatchNorm beside it.
+
+    Example:
+      >>> kfor1.spec.input_batchnorm(base.variables["params"], base.variables["batch_stats"])
+      'stem/bn'
+    """
+    flat = flatten(params)
+    convs = [p for p, v in flat.items() if leaf_name(p) == "kernel" and np.ndim(v) == 4
+             and 1 < np.shape(v)[2] <= 4 and np.shape(v)[3] > 1]
+    if len(convs) != 1:
+        raise PatchSpecError(
+            f"input_stats needs the one convolution over the image (a 4-D kernel with at most "
+            f"4 input channels); this model has {len(convs)} ({convs[:3]}); use 'stats' or "
+            "scale_bias rules instead")
+    parent = module_path(module_path(convs[0]))
+    beside = [m for m in dict.fromkeys(module_path(p) for p in flatten(batch_stats))
+              if module_path(m) == parent]
+    if len(beside) != 1:
+        raise PatchSpecError(
+            f"input_stats needs one BatchNorm beside the convolution over the image, "
+            f"{module_path(convs[0])!r}, in its module {parent or '(the top level)'!r}; it has "
+            f"{len(beside)} ({sorted(beside)[:3]}); put that convolution and its BatchNorm in a "
+            "module of their own (a stem), or use 'stats'")
+    return beside[0]
+
+
 def stats_labels(
-    batch_stats: Mapping[str, Any], labels: Mapping[str, Any], spec: Any = None
+    batch_stats: Mapping[str, Any], labels: Mapping[str, Any], spec: Any = None,
+    params: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Labels of the BatchNorm statistics, a tree like ``batch_stats``.
 
     A BN layer's statistics belong to the patch when its scale or bias does (the scale-and-bias
-    patch owns its moving statistics), and every layer's do when ``spec`` has the ``stats``
-    preset (AdaBN). Patch statistics are re-estimated on each task's data during training.
+    patch owns its moving statistics), every layer's do when ``spec`` has the ``stats`` preset
+    (AdaBN), and the input's BatchNorm's do with ``input_stats`` (``input_batchnorm``). Patch
+    statistics are re-estimated on each task's data during training.
 
     Args:
       batch_stats: the model's BatchNorm statistics (``variables["batch_stats"]``).
       labels: the parameters' labels (``partition``).
-      spec: the patch spec; only its ``stats`` preset matters here. None: no ``stats``.
+      spec: the patch spec; only its ``stats`` and ``input_stats`` presets matter here. None:
+        neither.
+      params: the parameters, which ``input_stats`` needs to find the input's BatchNorm.
 
     Returns:
       A tree shaped like ``batch_stats``: ``"patch"`` (per task) or ``"shared"`` per leaf.
@@ -317,9 +377,14 @@ def stats_labels(
       >>> stats["stem"]["bn"]["mean"]  # with "logits" alone: 'shared'
       'patch'
     """
-    own_all = spec is not None and PatchSpec.parse(spec).owns_all_stats
+    spec = PatchSpec.parse(spec) if spec is not None else None
+    own_all = spec is not None and spec.owns_all_stats
     flat_labels = flatten(labels)
     patched = {module_path(p) for p, label in flat_labels.items() if is_patch(label)}
+    if spec is not None and "input_stats" in spec.presets:
+        if params is None:
+            raise ValueError("stats_labels needs params= to find the input_stats BatchNorm")
+        patched.add(input_batchnorm(params, batch_stats))
     return unflatten({
         p: (PATCH if own_all or module_path(p) in patched else SHARED)
         for p in flatten(batch_stats)

@@ -46,8 +46,8 @@ from kfor1.train import train
 from kfor1.workdir import SUMMARY_FILE, Workdir, evaluate_workdir, locked
 
 AUTO_GRID = ("x0.33", "x1", "x3")
-DEFAULT_PATCHES = ("logits", "stats+logits", "bias+logits", "scale_bias+logits",
-                   "depthwise+logits", "depthwise+scale_bias+logits", "full")
+DEFAULT_PATCHES = ("logits", "input_stats+logits", "stats+logits", "bias+logits",
+                   "scale_bias+logits", "depthwise+logits", "depthwise+scale_bias+logits", "full")
 SWEEP_FILE = "sweep.json"
 CONFIG_FILE = "sweep_config.json"
 TEST_FILE = "test.json"
@@ -134,7 +134,7 @@ def _run_config(config: ml_collections.ConfigDict, patch: str, rates: dict[str, 
 def _groups(config: ml_collections.ConfigDict, patch: str) -> list[str]:
     """The learning-rate groups of ``patch`` (its presets that own parameters)."""
     spec = PatchSpec.parse(patch)
-    groups = [p for p in spec.presets if p not in ("stats", "none")]
+    groups = [p for p in spec.presets if p not in ("stats", "input_stats", "none")]
     return groups + (["shared"] if config.train_shared else [])
 
 

@@ -81,8 +81,9 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
                              frozen=state.layout.frozen_paths(config.train_shared))
         start = int(jax.device_get(state.step))
         print(f"resumed from {ckpt.directory} at step {start}")
-    elif s.spec.owns_all_stats:
-        print(f"stats: estimating each task's BatchNorm statistics on up to "
+    elif s.spec.estimates_stats:
+        print(f"{'stats' if s.spec.owns_all_stats else 'input_stats'}: estimating each task's "
+              f"BatchNorm statistics on up to "
               f"{int(config.stats_images):,} of its training images")
         state = reestimate_stats(s, state)
     # Only now: a resume that the checkpoint refuses must leave the run's config.json as it was.

@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kfor1
 from kfor1 import data as kdata
 from kfor1.adabn import reestimate_stats
 from kfor1.config import base_config, task
 from kfor1.experiment import setup
 from kfor1.multitask import task_variables
 from kfor1.patchfile import load_patch, load_patched, start_from_patch
-from kfor1.spec import PATCH, SHARED, partition, stats_labels
+from kfor1.spec import PATCH, SHARED, PatchSpecError, input_batchnorm, partition, stats_labels
 from kfor1.train import train
 from kfor1.tree import flatten
 
@@ -127,3 +128,114 @@ def test_stats_images_must_be_positive(value):
 
     with pytest.raises(ConfigError, match="config.stats_images"):
         check_values(_config(stats_images=value))
+
+
+# ---- input_stats: the input's BatchNorm only ---------------------------------------------------
+
+
+def test_the_input_stats_preset_owns_the_input_batchnorm_only():
+    base = kfor1.load_pretrained("efficientnet_lite0")
+    labels = partition(base.variables, "input_stats+logits")
+    owned = {p for p, label in flatten(labels).items() if label == PATCH}
+    assert owned == {"head/logits/kernel", "head/logits/bias"}
+    stats = flatten(stats_labels(base.variables["batch_stats"], labels, "input_stats+logits",
+                                 params=base.variables["params"]))
+    assert {p for p, label in stats.items() if label == PATCH} == {"stem/bn/mean", "stem/bn/var"}
+
+
+def test_the_input_batchnorm_of_the_shipped_models_is_the_stem():
+    from kfor1.models.registry import create
+
+    for name in ("efficientnet_lite0", "mobilenet_v2"):
+        model = create(name, num_classes=10)
+        v = jax.eval_shape(lambda m=model: m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+        assert input_batchnorm(v["params"], v["batch_stats"]) == "stem/bn", name
+
+
+@pytest.mark.parametrize("case", ["two image convolutions", "no batchnorm beside it",
+                                  "every layer in one module"])
+def test_input_stats_refuses_a_model_where_the_input_batchnorm_is_unclear(case):
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            a = nn.Conv(4, (3, 3), name="rgb")(x)
+            if case == "two image convolutions":
+                a = a + nn.Conv(4, (3, 3), name="rgb_too")(x)
+            inner = nn.Conv(4, (3, 3), name="inner")
+            return nn.BatchNorm(use_running_average=not train, name="bn")(inner(a)) if (
+                case == "no batchnorm beside it") else nn.BatchNorm(
+                use_running_average=not train, name="bn")(a)
+
+    v = Net().init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    if case == "every layer in one module":  # conv, BN, depthwise, BN side by side.
+        from tests.user_model import UserNet
+
+        v = UserNet().init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    if case == "no batchnorm beside it":  # Move the BN into a module of its own.
+        v = {"params": {"rgb": v["params"]["rgb"], "inner": v["params"]["inner"],
+                        "block": {"bn": v["params"]["bn"]}},
+             "batch_stats": {"block": {"bn": v["batch_stats"]["bn"]}}}
+    with pytest.raises(PatchSpecError, match="input_stats") as e:
+        stats_labels(v["batch_stats"], partition(v, "input_stats"), "input_stats",
+                     params=v["params"])
+    assert "\n" not in str(e.value)
+
+
+def test_an_input_stats_run_estimates_the_input_statistics_and_nothing_else(tmp_path):
+    """On the pretrained Lite0: the stem's statistics become the task's (estimated exactly, by
+    the code ``stats`` shares and the tests above check), every other statistic stays
+    ImageNet's, and the patch file carries the stem's 2 x 32 numbers."""
+    c = base_config()
+    c.patch, c.tasks = "input_stats+logits", [task("digits", resolution=32)]
+    c.num_steps, c.batch_size, c.progress, c.stats_images = 4, 16, False, 64
+    c.eval_batch_size = 64
+    c.log_every = c.checkpoint_every = 4
+    summary = train(c, str(tmp_path / "run"))
+    trained = flatten(load_patched(summary["tasks"]["digits"]["patch_dir"]).variables[
+        "batch_stats"])
+    base = flatten(kfor1.load_pretrained("efficientnet_lite0").variables["batch_stats"])
+    assert set(trained) == set(base)
+    for path, value in trained.items():
+        if path.startswith("stem/bn/"):
+            assert not np.allclose(value, base[path])
+        else:
+            np.testing.assert_array_equal(value, base[path])
+    assert summary["tasks"]["digits"]["patch_statistics"] == 2 * 32
+
+
+@pytest.fixture(scope="module")
+def low_contrast_digits(tmp_path_factory):
+    """scikit-learn's digits at 5% of their contrast (grey 128 +- 6), as PNGs in an ImageFolder:
+    colour statistics far from ImageNet's, as under-exposed or washed-out scans are."""
+    from PIL import Image
+
+    from kfor1.data.digits import digits_arrays
+
+    root = tmp_path_factory.mktemp("low_contrast_digits")
+    for split, (x, y) in digits_arrays().items():
+        for i, (image, label) in enumerate(zip(x, y)):
+            (root / split / str(label)).mkdir(parents=True, exist_ok=True)
+            faint = np.round(128 + 0.05 * (image.astype(np.float32) - 128)).astype(np.uint8)
+            Image.fromarray(faint).save(root / split / str(label) / f"{i}.png")
+    return root
+
+
+def test_statistics_patches_beat_logits_where_imagenet_statistics_are_far_off(
+        low_contrast_digits, tmp_path):
+    """Issue 14: with the same 100 steps on the pretrained Lite0 at 32 px, ``stats+logits`` and
+    ``input_stats+logits`` beat ``logits`` on low-contrast digits (measured here 28.9% and 54.4%
+    against 20.0%). On the original digits ``logits`` wins (63.1% against 35.0% and 56.7%):
+    which patch helps depends on the data, which is what ``kfor1 sweep`` is for."""
+    accuracy = {}
+    for spec in ("logits", "stats+logits", "input_stats+logits"):
+        c = base_config()
+        c.patch = spec
+        c.tasks = [task(f"folder:{low_contrast_digits}", resolution=32)]
+        c.num_steps, c.batch_size, c.progress, c.eval_batch_size = 100, 32, False, 120
+        c.log_every = c.checkpoint_every = 100
+        summary = train(c, str(tmp_path / spec))
+        accuracy[spec] = summary["tasks"][low_contrast_digits.name]["accuracy"]
+    assert accuracy["stats+logits"] > accuracy["logits"], accuracy
+    assert accuracy["input_stats+logits"] > accuracy["logits"], accuracy

@@ -305,3 +305,33 @@ def test_adabn_layers_estimate_is_flax_batch_statistics():
     for path, value in flatten(updates["batch_stats"]).items():  # momentum 0: the batch's.
         np.testing.assert_allclose(ours[path], value, rtol=1e-4, atol=1e-5)
     assert not np.allclose(ours["bn2/var"], flatten(variables["batch_stats"])["bn2/var"])
+
+
+def test_adabn_layers_first_layer_is_the_first_called():
+    """A call-order variant ("stem only") re-estimates the layer the network calls first, even
+    when its name sorts last (``z_stem`` here, as ``stem`` sorts after ``blocks_*`` in Lite0)."""
+    import flax.linen as nn
+    import jax
+
+    from kfor1.tree import flatten
+
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    layers = importlib.import_module("benchmarks.adabn_layers")
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            x = nn.BatchNorm(use_running_average=not train, name="z_stem")(x)
+            x = nn.BatchNorm(use_running_average=not train, name="a_block")(
+                nn.Conv(4, (3, 3), name="conv")(x))
+            return x.mean((1, 2))
+
+    x = jax.random.normal(jax.random.key(0), (16, 8, 8, 3)) * 3 + 1
+    variables = Net().init(jax.random.key(1), x, train=False)
+    before = flatten(variables["batch_stats"])
+    after = flatten(layers.estimate(Net(), variables, np.asarray(x),
+                                    lambda i, p: float(i < 1), 16))
+    np.testing.assert_allclose(after["z_stem/mean"], np.asarray(x).mean((0, 1, 2)), rtol=1e-4)
+    np.testing.assert_array_equal(after["a_block/mean"], before["a_block/mean"])
+    np.testing.assert_array_equal(after["a_block/var"], before["a_block/var"])
