@@ -7,7 +7,9 @@
    against each task alone, with the backbone frozen and trained jointly;
 3. domain adaptation across resolutions: one S/B patch per resolution against one model
    evaluated at resolutions it was not trained at;
-4. the paper's claims, one line each, held or not, with the numbers and the seed.
+4. the statistics patches (``stats``: AdaBN, ``input_stats``: the stem's) against ``logits`` on
+   digits as they are and washed out to 5% of their contrast;
+5. the paper's claims, one line each, held or not, with the numbers and the seed.
 
     python -m benchmarks.results                      # docs/results.md, runs in runs/results
     python -m benchmarks.results --tiny --out /tmp/r.md  # seconds: checks the script runs
@@ -34,8 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 CIFAR = REPO.parent / "shared" / "data" / "cifar10"
 VEHICLES = ("airplane", "automobile", "ship", "truck")
 ANIMALS = ("bird", "cat", "deer", "dog", "frog", "horse")
-PATCHES = ("logits", "stats+logits", "bias+logits", "scale_bias+logits", "depthwise+logits",
-           "depthwise+scale_bias+logits", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +53,30 @@ class Budget:
 
 
 TINY = Budget(train_per_class=6, test_per_class=4, resolution=32, steps=4, batch=8,
-              resolutions=(32, 48), lrs="x1", model="tests.user_model:factory")
+              resolutions=(32, 48), lrs="x1", model="tests.user_model:stem_factory")
+STATS_PATCHES = ("logits", "stats+logits", "input_stats+logits")
+CONTRASTS = (1.0, 0.05)
+
+
+def faded_digits(root: Path, contrast: float) -> str:
+    """scikit-learn's digits as an ImageFolder of PNGs, every pixel value x made
+    ``128 + contrast * (x - 128)`` (0.05: grey 128 +- 6, a washed-out scan); returns the
+    ``folder:`` dataset. Written once; an existing folder is reused."""
+    from PIL import Image
+
+    from kfor1.data.digits import digits_arrays
+
+    if not (root / "test").is_dir():
+        tmp = root.with_name(root.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for split, (x, y) in digits_arrays().items():
+            for i, (image, label) in enumerate(zip(x, y)):
+                (tmp / split / str(label)).mkdir(parents=True, exist_ok=True)
+                faded = 128 + contrast * (image.astype(np.float32) - 128)
+                Image.fromarray(np.round(faded).astype(np.uint8)).save(
+                    tmp / split / str(label) / f"{i}.png")
+        tmp.rename(root)
+    return f"folder:{root}"
 
 
 def _subset(cifar: Path, root: Path, classes, budget: Budget) -> str:
@@ -124,9 +147,9 @@ def _pct(x: float) -> str:
 
 
 def transfer(budget: Budget, work: Path, data: str) -> tuple[list[str], dict]:
-    from kfor1.sweep import sweep
+    from kfor1.sweep import DEFAULT_PATCHES, sweep
 
-    patches = PATCHES if budget is not TINY else ("logits", "stats+logits", "scale_bias+logits")
+    patches = DEFAULT_PATCHES if budget is not TINY else STATS_PATCHES + ("scale_bias+logits",)
     result = sweep(_config(budget, [data]), str(work / "sweep"), patches, budget.lrs)
     md = (work / "sweep" / "sweep.md").read_text().split("\n", 2)[2]
     lines = [f"## 1. Transfer from ImageNet {budget.model}: every patch, `kfor1 sweep`", "",
@@ -199,6 +222,32 @@ def resolutions(budget: Budget, work: Path, data: str) -> tuple[list[str], dict]
                    "examples": per["tasks"][names[0]]["examples"]}
 
 
+def statistics(budget: Budget, work: Path) -> tuple[list[str], dict]:
+    from kfor1.table import markdown_table
+
+    out, rows = {}, []
+    for contrast in CONTRASTS:
+        data = faded_digits(work / "data" / f"digits_contrast_{contrast:g}", contrast)
+        acc = {}
+        for patch in STATS_PATCHES:
+            run = _train(_config(budget, [data], patch=patch, names=["digits"],
+                                 resolutions=[32]), work / f"stats_{contrast:g}_{patch}")
+            acc[patch] = run["tasks"]["digits"]["accuracy"]
+            out["examples"] = run["tasks"]["digits"]["examples"]
+        out[contrast] = acc
+        rows.append((f"{100 * contrast:g}%", *(_pct(acc[p]) for p in STATS_PATCHES)))
+    lines = ["## 4. The statistics patches where colour statistics differ from ImageNet's", "",
+             f"scikit-learn's digits at 32 px, as they are and washed out (every pixel value x "
+             f"made 128 + c (x - 128)); {budget.steps} steps of {budget.batch} images, the "
+             "default learning rate for all three, seed 0. `stats` re-estimates every BatchNorm "
+             "layer's statistics on the task's images (AdaBN), `input_stats` the stem's only. "
+             "Test accuracy.", "",
+             markdown_table(("contrast c", *(f"`{p}`" for p in STATS_PATCHES)), rows), "",
+             "Why, with converged linear probes layer by layer: `benchmarks/README.md` (\"The "
+             "statistics patches, layer by layer\").", ""]
+    return lines, out
+
+
 def _noise(n: int) -> float:
     """Two standard errors of a difference of two accuracies on ``n`` test images each (at the
     worst case, accuracy 50%): differences inside it are not told apart by one seed."""
@@ -215,7 +264,7 @@ def _verdict(diff: float, n: int, *, better: bool) -> str:
     return f"**not told apart here** ({100 * diff:+.1f} points, noise ±{100 * noise:.1f})"
 
 
-def claims(t: dict, m: dict, r: dict) -> list[str]:
+def claims(t: dict, m: dict, r: dict, st: dict) -> list[str]:
     lines = ["## The paper's claims, here", "",
              "Each claim in one line, checked against the sections below: *held* / *did not "
              "hold* when the difference exceeds two standard errors of the test accuracies "
@@ -226,7 +275,8 @@ def claims(t: dict, m: dict, r: dict) -> list[str]:
          "logits", True),
         ("Depthwise + S/B + logits is as good as full fine-tuning with under 10% of the "
          "parameters", "depthwise+scale_bias+logits", "full", False),
-        ("(AdaBN, cited by the paper) each task's own BatchNorm statistics help a linear head",
+        ("(AdaBN, cited by the paper) each task's own BatchNorm statistics help a linear head "
+         "on CIFAR-10",
          "stats+logits", "logits", True),
     )
     for claim, a_name, b_name, better in transfer_claims:
@@ -239,6 +289,15 @@ def claims(t: dict, m: dict, r: dict) -> list[str]:
                      f"({_pct(a['test_accuracy'])} against {_pct(b['test_accuracy'])}, for "
                      f"{a['percent_of_model']:.2f}% against {b['percent_of_model']:.2f}% of "
                      "the parameters).")
+    faint, low = st[min(CONTRASTS)], min(CONTRASTS)
+    for name, what in (("stats+logits", "each task's own BatchNorm statistics (AdaBN)"),
+                       ("input_stats+logits", "the task's own statistics of the stem alone")):
+        diff = faint[name] - faint["logits"]
+        lines.append(f"- {what[0].upper() + what[1:]} help a linear head on digits at "
+                     f"{100 * low:g}% contrast: {_verdict(diff, st['examples'], better=True)} "
+                     f"({_pct(faint[name])} against {_pct(faint['logits'])}; at full contrast "
+                     f"{_pct(st[max(CONTRASTS)][name])} against "
+                     f"{_pct(st[max(CONTRASTS)]['logits'])}).")
     f, j = m["frozen"], m["joint"]
     lines.append(f"- K tasks with a frozen backbone in one step lose nothing against each alone "
                  f"(by construction: the step is K independent single-task steps, "
@@ -282,6 +341,7 @@ def main(argv=None) -> int:
     m_lines, m = multitask(budget, work, {"vehicles": vehicles, "animals": animals,
                                           "digits": "digits"})
     r_lines, r = resolutions(budget, work, cifar)
+    s_lines, st = statistics(budget, work)
     minutes = (time.perf_counter() - start) / 60
     record = work / "full_run_minutes.txt"  # What a regeneration from nothing took.
     if not reused:
@@ -298,7 +358,7 @@ def main(argv=None) -> int:
         "train split out for validation; model choices read it, the test split is read once "
         "per run at its end. One seed (0) throughout.", "",
     ]
-    text = "\n".join(header + claims(t, m, r) + t_lines + m_lines + r_lines)
+    text = "\n".join(header + claims(t, m, r, st) + t_lines + m_lines + r_lines + s_lines)
     text = text.replace("### Every run", "### 1b. Every run of the sweep")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

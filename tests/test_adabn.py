@@ -209,17 +209,10 @@ def test_an_input_stats_run_estimates_the_input_statistics_and_nothing_else(tmp_
 def low_contrast_digits(tmp_path_factory):
     """scikit-learn's digits at 5% of their contrast (grey 128 +- 6), as PNGs in an ImageFolder:
     colour statistics far from ImageNet's, as under-exposed or washed-out scans are."""
-    from PIL import Image
+    from benchmarks.results import faded_digits
 
-    from kfor1.data.digits import digits_arrays
-
-    root = tmp_path_factory.mktemp("low_contrast_digits")
-    for split, (x, y) in digits_arrays().items():
-        for i, (image, label) in enumerate(zip(x, y)):
-            (root / split / str(label)).mkdir(parents=True, exist_ok=True)
-            faint = np.round(128 + 0.05 * (image.astype(np.float32) - 128)).astype(np.uint8)
-            Image.fromarray(faint).save(root / split / str(label) / f"{i}.png")
-    return root
+    root = tmp_path_factory.mktemp("faded") / "low_contrast_digits"
+    return faded_digits(root, 0.05)
 
 
 def test_statistics_patches_beat_logits_where_imagenet_statistics_are_far_off(
@@ -232,10 +225,10 @@ def test_statistics_patches_beat_logits_where_imagenet_statistics_are_far_off(
     for spec in ("logits", "stats+logits", "input_stats+logits"):
         c = base_config()
         c.patch = spec
-        c.tasks = [task(f"folder:{low_contrast_digits}", resolution=32)]
+        c.tasks = [task(low_contrast_digits, name="digits", resolution=32)]
         c.num_steps, c.batch_size, c.progress, c.eval_batch_size = 100, 32, False, 120
         c.log_every = c.checkpoint_every = 100
         summary = train(c, str(tmp_path / spec))
-        accuracy[spec] = summary["tasks"][low_contrast_digits.name]["accuracy"]
+        accuracy[spec] = summary["tasks"]["digits"]["accuracy"]
     assert accuracy["stats+logits"] > accuracy["logits"], accuracy
     assert accuracy["input_stats+logits"] > accuracy["logits"], accuracy

@@ -46,3 +46,40 @@ def with_weights(num_classes: int = 7) -> UserNet:
 
 with_weights.preprocessing = factory.preprocessing
 with_weights.load = load
+
+
+class _Stem(nn.Module):
+    width: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = nn.Conv(self.width, (3, 3), strides=2, use_bias=False, dtype=self.dtype,
+                    name="conv")(x)
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+                            name="bn")(x)
+
+
+class StemNet(nn.Module):
+    """UserNet with its first convolution and BatchNorm in a module of their own, as the
+    ``input_stats`` patch needs (``kfor1.spec.input_batchnorm``)."""
+
+    num_classes: int = 7
+    width: int = 8
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(_Stem(self.width, self.dtype, name="stem")(x, train))
+        x = nn.Conv(self.width, (3, 3), feature_group_count=self.width, use_bias=False,
+                    dtype=self.dtype, name="dw")(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype,
+                                 name="dw_norm")(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x.mean((1, 2)))
+
+
+def stem_factory(num_classes: int = 7, dtype: jnp.dtype = jnp.float32) -> StemNet:
+    return StemNet(num_classes=num_classes, dtype=dtype)
+
+
+stem_factory.preprocessing = factory.preprocessing
