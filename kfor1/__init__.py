@@ -50,8 +50,9 @@ from kfor1.step import make_eval_step, make_predict_fn, make_stats_step, make_tr
 PRESETS = PRESETS
 """The patch presets, ``kfor1.spec.PRESETS``: ``logits`` (the head), ``scale_bias`` (BatchNorm
 scales and biases, with their statistics), ``depthwise`` (depthwise kernels), ``bias`` (every
-bias), ``full`` (everything), ``stats`` (BatchNorm statistics only, AdaBN) and ``none``; a spec
-joins them with ``+``: ``"scale_bias+logits"``."""
+bias), ``full`` (everything), ``stats`` (BatchNorm statistics only, AdaBN), ``input_stats``
+(the stem's BatchNorm statistics only) and ``none``; a spec joins them with ``+``:
+``"scale_bias+logits"``."""
 
 __version__ = "0.1.0"
 """kfor1's version (PEP 440), as ``kfor1 --version`` prints it and the wheel is named."""

@@ -1,6 +1,7 @@
 """The ``stats`` patch (AdaBN, Li et al. 2016): each task's BatchNorm statistics re-estimated on
 its own training images before training, with no gradient and no parameter of the backbone
-changed.
+changed; ``input_stats`` does the same for the stem's BatchNorm only (the pass is the same, and
+only the statistics the patch owns are kept).
 
 A base pretrained on ImageNet normalises every layer with ImageNet's means and variances; on
 data whose statistics differ (grayscale digits, medical scans, another resolution) the features

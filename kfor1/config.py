@@ -72,8 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
     # False: the run never opens the test split, and its final evaluation reads the validation
     # split (kfor1 sweep's runs: the test split is read once, for the chosen runs, at the end).
     c.evaluate_test = True
-    # The `stats` patch (AdaBN) estimates each task's BatchNorm statistics on up to this many of
-    # its training images (un-augmented), once, before training (kfor1.adabn).
+    # The `stats` (AdaBN) and `input_stats` patches estimate each task's BatchNorm statistics on
+    # up to this many of its training images (un-augmented), once, before training (kfor1.adabn).
     c.stats_images = 2048
 
     c.batch_size = 32  # Per task and step.
