@@ -13,6 +13,7 @@ from serve_patches import RESOLUTION, lite0_base, make_patch
 
 from kfor1.patchfile import PatchFileError, apply_patch, load_patch, write_patch
 from kfor1.serve import PatchServer, PatchTableError, UnknownTaskError
+from kfor1.tree import flatten
 
 # Heads of 5, 10 and 102 classes in one table; scale/bias, depthwise, logits-only and mixed.
 TASKS = (("flowers", "scale_bias+logits", 102), ("cars", "depthwise+logits", 10),
@@ -77,6 +78,21 @@ def test_tasks_at_different_resolutions_are_served_together(base, patches):
     want_large = _alone(base, large, np.stack(images[2:]))
     want = np.concatenate([want_small, want_large])[order]
     np.testing.assert_allclose(out.probabilities[:, :5], want, atol=1e-5, rtol=0)
+
+
+def test_statistics_patches_are_served_beside_others(base, patches):
+    """``stats`` (every BatchNorm's statistics) and ``input_stats`` (the stem's) patches own
+    statistics and no parameter below the head; served in one batch with a scale/bias patch,
+    each example gets its own task's statistics."""
+    adabn = make_patch(base, "stats+logits", 5, "adabn", seed=11)
+    stem = make_patch(base, "input_stats+logits", 3, "stem", seed=12)
+    assert {p for p in flatten(stem.variables["batch_stats"])} == {"stem/bn/mean", "stem/bn/var"}
+    server = PatchServer(base, [adabn, stem, patches["flowers"]])
+    images = _images(5, seed=3)
+    out = server.predict(images, ["stem", "adabn", "flowers", "adabn", "stem"])
+    for rows, patch in (([0, 4], stem), ([1, 3], adabn), ([2], patches["flowers"])):
+        np.testing.assert_allclose(out.probabilities[rows, :patch.num_classes],
+                                   _alone(base, patch, images[rows]), atol=1e-5, rtol=0)
 
 
 def test_add_and_remove_never_recompile(base, patches):
