@@ -261,13 +261,18 @@ def test_profile_classifies_hlo():
     }
 
 
+def _adabn_layers():
+    """``benchmarks.adabn_layers`` as a package module (it imports ``benchmarks.jsonfile``)."""
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    return importlib.import_module("benchmarks.adabn_layers")
+
+
 def test_adabn_layers_tiny(tmp_path, capsys):
     """``benchmarks/adabn_layers.py --tiny``: statistics re-estimated for chosen layers, each
     probed (its numbers mean nothing at this size); every layer's statistics are the pooled
     moments, so the all-layers variant differs from ImageNet's."""
-    if str(BENCHMARKS.parent) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS.parent))
-    layers = importlib.import_module("benchmarks.adabn_layers")
+    layers = _adabn_layers()
     out_json = tmp_path / "adabn.json"
     assert layers.main(["--tiny", "--json", str(out_json)]) == 0
     rows = json.loads(out_json.read_text())
@@ -285,9 +290,7 @@ def test_adabn_layers_estimate_is_flax_batch_statistics():
 
     from kfor1.tree import flatten
 
-    if str(BENCHMARKS.parent) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS.parent))
-    layers = importlib.import_module("benchmarks.adabn_layers")
+    layers = _adabn_layers()
 
     class Net(nn.Module):
         @nn.compact
@@ -315,9 +318,7 @@ def test_adabn_layers_first_layer_is_the_first_called():
 
     from kfor1.tree import flatten
 
-    if str(BENCHMARKS.parent) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS.parent))
-    layers = importlib.import_module("benchmarks.adabn_layers")
+    layers = _adabn_layers()
 
     class Net(nn.Module):
         @nn.compact
