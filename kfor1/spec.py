@@ -266,6 +266,11 @@ def partition(
     flat = flatten(params)
     stats = flatten(batch_stats) if batch_stats is not None else None
     labels: dict[str, str] = {}
+    if "input_stats" in spec.presets:  # Refused here, before anything is built on the labels.
+        if stats is None:
+            raise PatchSpecError("input_stats needs the model's BatchNorm statistics; pass the "
+                                 "full variables ({'params': ..., 'batch_stats': ...})")
+        input_batchnorm(params, stats)
     if spec.presets:
         selectors = _preset_selectors(spec.presets, flat, stats, spec.head)
         for path in flat:

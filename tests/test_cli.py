@@ -160,9 +160,12 @@ def test_every_user_error_class_is_the_same_one_line_from_both_entry_points(
         ([], "--config and --workdir are required"),
         (["--config", "configs/transfer.py:dataset=folder:/nonexistent/data",
           "--config.eval_batch_size=96"], "no such dataset folder /nonexistent/data"),
+        (["--config", "configs/transfer.py:dataset=digits,patch=input_stats+logits",
+          "--config.model=tests.user_model:factory", "--config.eval_batch_size=96"],
+         "input_stats needs one BatchNorm beside the convolution over the image"),
     ],
     ids=["unknown-field", "unknown-argument", "missing-file", "bad-value", "unknown-flag",
-         "extra-argument", "missing-flags", "missing-data"],
+         "extra-argument", "missing-flags", "missing-data", "input-stats-unclear"],
 )
 def test_config_mistakes_are_the_same_one_line_from_both_entry_points(
     argv, message, tmp_path, capsys, monkeypatch
