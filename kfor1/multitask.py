@@ -227,8 +227,8 @@ def init_multitask(
             new_params[path] = jnp.stack([task_head(path, n) for n in num_classes])
         else:
             new_params[path] = jnp.broadcast_to(jnp.asarray(value), (k, *np.shape(value)))
-    flat_stat_labels = flatten(stats_labels(unflatten(stats), labels, spec,
-                                                 params=variables["params"])) if stats else {}
+    flat_stat_labels = flatten(stats_labels(
+        unflatten(stats), labels, spec, params=variables["params"])) if stats else {}
     new_stats = {
         path: (jnp.broadcast_to(jnp.asarray(v), (k, *np.shape(v)))
                if is_patch(flat_stat_labels[path]) else jnp.array(v))

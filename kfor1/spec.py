@@ -313,8 +313,9 @@ def partition(
 def input_batchnorm(params: Mapping[str, Any], batch_stats: Mapping[str, Any]) -> str:
     """The module path of the BatchNorm that normalises the convolution over the image.
 
-    That convolution is the one 4-D kernel with at most 4 input channels (RGB, gray, RGBA) and
-    more than one output channel (a depthwise kernel has one input channel per group); its
+    That convolution is the one 4-D kernel with 2 to 4 input channels (RGB, RGBA) and more
+    than one output channel. (A grayscale model's stem, one input channel, has the shape of a
+    depthwise kernel and is not told apart from them: such a model is refused.) Its
     BatchNorm is the one BatchNorm layer in the same module (``stem/conv`` -> ``stem/bn``, as in
     kfor1's models). Its input depends on the image alone, so its statistics are the task's
     colour and contrast statistics as the network sees them. A model whose layers all sit in one
@@ -340,8 +341,8 @@ def input_batchnorm(params: Mapping[str, Any], batch_stats: Mapping[str, Any]) -
              and 1 < np.shape(v)[2] <= 4 and np.shape(v)[3] > 1]
     if len(convs) != 1:
         raise PatchSpecError(
-            f"input_stats needs the one convolution over the image (a 4-D kernel with at most "
-            f"4 input channels); this model has {len(convs)} ({convs[:3]}); use 'stats' or "
+            f"input_stats needs the one convolution over the image (a 4-D kernel with 2 to 4 "
+            f"input channels); this model has {len(convs)} ({convs[:3]}); use 'stats' or "
             "scale_bias rules instead")
     parent = module_path(module_path(convs[0]))
     beside = [m for m in dict.fromkeys(module_path(p) for p in flatten(batch_stats))

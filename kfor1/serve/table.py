@@ -62,9 +62,8 @@ def spec_leaves(base_variables: Mapping[str, Any], spec: Any) -> set[str]:
     flat_labels = flatten(labels)
     leaves = {f"params/{p}" for p, label in flat_labels.items() if is_patch(label)}
     stats = base_variables.get("batch_stats", {})
-    leaves |= {f"batch_stats/{p}" for p, label in flatten(stats_labels(stats, labels, spec,
-                                                                   params=base_variables["params"])).items()
-               if is_patch(label)}
+    stat_labels = stats_labels(stats, labels, spec, params=base_variables["params"])
+    leaves |= {f"batch_stats/{p}" for p, label in flatten(stat_labels).items() if is_patch(label)}
     return leaves
 
 
