@@ -34,6 +34,7 @@ from kfor1.tree import Flat, flatten, leaf_name, module_path, unflatten
 
 SHARED = "shared"
 PATCH = "patch"
+STATS_ONLY = ("stats", "input_stats")  # Presets that own BatchNorm statistics, no parameter.
 PRESETS = ("logits", "scale_bias", "depthwise", "bias", "full", "stats", "input_stats", "none")
 """The patch presets, joined with ``+`` in a spec: ``logits`` (the head), ``scale_bias``
 (BatchNorm scales and biases, with their statistics), ``depthwise`` (depthwise kernels),
@@ -157,7 +158,7 @@ class PatchSpec:
         """True with ``stats`` or ``input_stats``: statistics the patch owns without owning
         their layer's scale and bias, so they are estimated on the task's images before
         training (``kfor1.adabn``) rather than followed during it."""
-        return bool({"stats", "input_stats"} & set(self.presets))
+        return bool(set(STATS_ONLY) & set(self.presets))
 
     def describe(self) -> str | list[list[str]]:
         """JSON-friendly form, stored with exported patches."""

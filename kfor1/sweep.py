@@ -40,7 +40,7 @@ from kfor1.data import parse_validation
 from kfor1.errors import UserError
 from kfor1.experiment import check_values
 from kfor1.files import atomic_write
-from kfor1.spec import PatchSpec, PatchSpecError
+from kfor1.spec import STATS_ONLY, PatchSpec, PatchSpecError
 from kfor1.sweep_report import pareto_front, plot, recommendation, write_markdown
 from kfor1.train import train
 from kfor1.workdir import SUMMARY_FILE, Workdir, evaluate_workdir, locked
@@ -134,7 +134,7 @@ def _run_config(config: ml_collections.ConfigDict, patch: str, rates: dict[str, 
 def _groups(config: ml_collections.ConfigDict, patch: str) -> list[str]:
     """The learning-rate groups of ``patch`` (its presets that own parameters)."""
     spec = PatchSpec.parse(patch)
-    groups = [p for p in spec.presets if p not in ("stats", "input_stats", "none")]
+    groups = [p for p in spec.presets if p not in (*STATS_ONLY, "none")]
     return groups + (["shared"] if config.train_shared else [])
 
 
