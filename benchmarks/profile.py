@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:
 import jax  # noqa: E402
 
 from benchmarks.jsonfile import write_json  # noqa: E402
+from benchmarks.profile_torch import profile_torch_path  # noqa: E402
 from benchmarks.suite_bench import PATCH, Bench  # noqa: E402
 from benchmarks.suite_sections import analytic_macs, matmul_peak  # noqa: E402
 from kfor1.cpu import keep_freed_memory  # noqa: E402
@@ -165,6 +166,24 @@ def profile_path(name: str, workload: Any, hlo: str, steps: int) -> dict[str, An
             "ops_seen": len(ops), "instructions": len(kinds)}
 
 
+def side_by_side(kfor1: Sequence[dict[str, Any]], torch: Sequence[dict[str, Any]]) -> str:
+    """One table: per path and kind, kfor1's op ms per step beside PyTorch's."""
+    lines = ["\nkfor1 / PyTorch, op ms per step by kind (PyTorch: ATen self time, "
+             "benchmarks/profile_torch.py)\n",
+             "| path | " + " | ".join(KINDS) + " | all ops |",
+             "|---|" + "---:|" * (len(KINDS) + 1)]
+    for k, t in zip(kfor1, torch):
+        cells = [f"{k['by_kind_us'][kind] / 1e3:.1f} / {t['by_kind_us'][kind] / 1e3:.1f}"
+                 for kind in KINDS]
+        lines.append(f"| {k['path']} | " + " | ".join(cells)
+                     + f" | {k['op_us_per_step'] / 1e3:.1f} / {t['op_us_per_step'] / 1e3:.1f} |")
+    for t in torch:
+        lines.append(f"\ntorch {t['path']}: largest ops (of {t['ops_seen']})")
+        lines += [f"  {op['us'] / 1e3:7.2f} ms  {op['kind']:<16} {op['op']}"
+                  for op in t["top_ops"][:8]]
+    return "\n".join(lines)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="efficientnet_lite0")
@@ -172,6 +191,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5, help="traced steps per path")
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="profile kfor1 only (by default PyTorch's same paths too)")
     parser.add_argument("--tiny", action="store_true", help="32 px, batch 2, 1 step")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -194,6 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
              "full step": 3 * forward - 2 * macs["stem"] * args.batch}
     paths = {"inference": bench.kfor1_infer("auto"), "patch step": bench.kfor1_train(PATCH, 1),
              "full step": bench.kfor1_train("full", 1)}
+    torch_paths = {"inference": lambda: bench.torch_infer(True),
+                   "patch step": lambda: bench.torch_train("patch"),
+                   "full step": lambda: bench.torch_train("full")}
     peak = matmul_peak(bench, 256 if args.tiny else 2048, 1 if args.tiny else 5)
     peak_gflops = peak["jnp.dot"]["gflops"]
     results = []
@@ -203,6 +227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         found["model_gflops_per_s"] = flops[name] / (found["op_us_per_step"] * 1e-6) / 1e9
         found["fraction_of_peak"] = found["model_gflops_per_s"] / peak_gflops
         results.append(found)
+    paths.clear()
+    del workload
+    bench.release()  # kfor1's executables and buffers go before PyTorch's are built.
+    torch_results = [] if args.no_torch else [
+        profile_torch_path(name, make(), args.steps) for name, make in torch_paths.items()]
     print(f"\n{args.model}, {args.resolution} px, batch {args.batch}: op time per step by kind "
           f"(jax.profiler, {args.steps} steps); jnp.dot peak {peak_gflops:.0f} GFLOP/s\n")
     print("| path | op ms/step | " + " | ".join(KINDS) + " | model GFLOP/s (of peak) |")
@@ -217,7 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               "instructions)")
         for op in r["top_ops"][:8]:
             print(f"  {op['us'] / 1e3:7.2f} ms  {op['kind']:<16} {op['op']}")
-    write_json(args.json, {"results": results, "matmul_peak": peak})
+    if torch_results:
+        print(side_by_side(results, torch_results))
+    write_json(args.json, {"results": results, "torch_results": torch_results,
+                           "matmul_peak": peak})
     return 0
 
 

@@ -218,7 +218,32 @@ def test_profile_tiny(tmp_path, capsys):
     for r in results:
         assert r["ops_seen"] > 10 and r["op_us_per_step"] > 0
         assert r["by_kind_us"]["matrix products"] > 0 and r["by_kind_us"]["depthwise"] > 0
-    assert "| inference |" in capsys.readouterr().out
+    torch_results = json.loads(out_json.read_text())["torch_results"]
+    assert [r["path"] for r in torch_results] == ["inference", "patch step", "full step"]
+    for r in torch_results:  # PyTorch's same paths, sorted into the same kinds.
+        kinds = r["by_kind_us"]
+        assert kinds["matrix products"] > 0 and kinds["depthwise"] > 0
+        assert kinds["BatchNorm sums"] > 0 and kinds["elementwise"] > 0
+    out = capsys.readouterr().out
+    assert "| inference |" in out and "kfor1 / PyTorch, op ms per step by kind" in out
+
+
+def test_profile_sorts_torch_ops():
+    """PyTorch's ops go to the kinds of kfor1's HLO; a depthwise kernel is (C, 1, k, k)."""
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    kind = importlib.import_module("benchmarks.profile_torch").torch_kind
+    depthwise, pointwise = [[8, 96, 64, 64], [96, 1, 3, 3]], [[8, 16, 64, 64], [96, 16, 1, 1]]
+    assert kind("aten::mkldnn_convolution", depthwise) == "depthwise"
+    assert kind("aten::convolution_backward", [[8, 96, 64, 64], *depthwise]) == "depthwise"
+    assert kind("aten::mkldnn_convolution", pointwise) == "matrix products"
+    assert kind("aten::convolution_backward", [[8, 96, 64, 64], *pointwise]) == "matrix products"
+    assert kind("aten::addmm", [[10], [8, 1280], [1280, 10]]) == "matrix products"
+    assert kind("aten::native_batch_norm_backward", []) == "BatchNorm sums"
+    assert kind("aten::hardtanh_", []) == "elementwise"
+    assert kind("aten::_fused_adamw_", []) == "elementwise"
+    assert kind("aten::copy_", []) == "data movement"
+    assert kind("aten::empty", []) == "other"
 
 
 def test_profile_classifies_hlo():

@@ -70,8 +70,9 @@ def _im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], pads
         gathered = _native_patches(x, (kh, kw), strides, pads)
     else:
         gathered = patches(x, (kh, kw), strides, pads)
-    return lax.dot_general(gathered, kernel.reshape(kh * kw * cin, cout),
-                           (((3,), (0,)), ((), ())))
+    # ``pointwise``'s kernel gradient contracts the flattened (pixels, kh*kw*cin) patches;
+    # autodiff of a 4-D product wrote the stem's BatchNorm gradient out transposed first.
+    return pointwise(gathered, kernel.reshape(kh * kw * cin, cout))
 
 
 def patches(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int], pads: PadPairs):
