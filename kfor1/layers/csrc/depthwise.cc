@@ -599,8 +599,15 @@ ffi::Error Im2col(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuff
       for (int64_t o = 0; o < ow; ++o) {
         const int64_t iw0 = o * sw - pl;
         float* dst = orow + o * k;
+        const bool inside_w = iw0 >= 0 && iw0 + kw <= w;
         for (int64_t i = 0; i < kh; ++i) {
           const int64_t ih = ih0 + i;
+          if (inside_w && ih >= 0 && ih < h) {  // The kernel row's kw pixels are contiguous.
+            const float* src = ximg + (ih * w + iw0) * c;
+            for (int64_t t = 0; t < kw * c; ++t) dst[t] = src[t];
+            dst += kw * c;
+            continue;
+          }
           for (int64_t j = 0; j < kw; ++j, dst += c) {
             const int64_t iw = iw0 + j;
             if (ih < 0 || ih >= h || iw < 0 || iw >= w) {
