@@ -17,6 +17,9 @@ after its HLO instruction) and sorts each instruction of the compiled HLO into a
 
 Prints, per path, milliseconds per step and share by kind, the largest ops, and the FLOP-based
 efficiency of the path (model GFLOP/s, as the suite counts them, against the jnp.dot peak).
+Then (unless ``--no-torch``) PyTorch's same three paths, as the suite runs them, profiled by
+``benchmarks/profile_torch.py`` into the same kinds, and one table of both side by side: a ratio
+of images/s says who is faster, this says where.
 
     python -m benchmarks.profile --resolution 128 --batch 32
     python -m benchmarks.profile --tiny
@@ -166,18 +169,18 @@ def profile_path(name: str, workload: Any, hlo: str, steps: int) -> dict[str, An
             "ops_seen": len(ops), "instructions": len(kinds)}
 
 
-def side_by_side(kfor1: Sequence[dict[str, Any]], torch: Sequence[dict[str, Any]]) -> str:
+def side_by_side(kfor1: Sequence[dict[str, Any]], pytorch: Sequence[dict[str, Any]]) -> str:
     """One table: per path and kind, kfor1's op ms per step beside PyTorch's."""
     lines = ["\nkfor1 / PyTorch, op ms per step by kind (PyTorch: ATen self time, "
              "benchmarks/profile_torch.py)\n",
              "| path | " + " | ".join(KINDS) + " | all ops |",
              "|---|" + "---:|" * (len(KINDS) + 1)]
-    for k, t in zip(kfor1, torch):
+    for k, t in zip(kfor1, pytorch):
         cells = [f"{k['by_kind_us'][kind] / 1e3:.1f} / {t['by_kind_us'][kind] / 1e3:.1f}"
                  for kind in KINDS]
         lines.append(f"| {k['path']} | " + " | ".join(cells)
                      + f" | {k['op_us_per_step'] / 1e3:.1f} / {t['op_us_per_step'] / 1e3:.1f} |")
-    for t in torch:
+    for t in pytorch:
         lines.append(f"\ntorch {t['path']}: largest ops (of {t['ops_seen']})")
         lines += [f"  {op['us'] / 1e3:7.2f} ms  {op['kind']:<16} {op['op']}"
                   for op in t["top_ops"][:8]]

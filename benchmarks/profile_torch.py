@@ -16,8 +16,9 @@ kinds kfor1's HLO is sorted into:
 - ``other``: the rest (allocation, views, autograd bookkeeping).
 
 On the CPU an ATen op runs on the calling thread, with its own intra-op threads, so the self
-times add up to the step's wall time. kfor1's op times can add up to more than its wall time:
-XLA:CPU runs independent ops concurrently (see ``benchmarks/profile.py``).
+times add up to about the step's wall time plus the profiler's own per-op overhead (10-30% more
+than the suite's timing of the same step, in ``benchmarks/README.md``). kfor1's op times can add
+up to more than its wall time: XLA:CPU runs independent ops concurrently.
 """
 
 from __future__ import annotations
