@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     del workload
     bench.release()  # kfor1's executables and buffers go before PyTorch's are built.
     torch_results = [] if args.no_torch else [
-        profile_torch_path(name, make(), args.steps) for name, make in torch_paths.items()]
+        profile_torch_path(name, make(), args.steps, KINDS) for name, make in torch_paths.items()]
     print(f"\n{args.model}, {args.resolution} px, batch {args.batch}: op time per step by kind "
           f"(jax.profiler, {args.steps} steps); jnp.dot peak {peak_gflops:.0f} GFLOP/s\n")
     print("| path | op ms/step | " + " | ".join(KINDS) + " | model GFLOP/s (of peak) |")

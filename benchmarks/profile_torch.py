@@ -24,12 +24,11 @@ up to more than its wall time: XLA:CPU runs independent ops concurrently.
 from __future__ import annotations
 
 import collections
+from collections.abc import Sequence
 from typing import Any
 
 from torch.profiler import ProfilerActivity, profile
 
-KINDS = ("matrix products", "depthwise", "BatchNorm sums", "stem patches", "elementwise",
-         "data movement", "other")
 CONVOLUTIONS = ("conv", "mkldnn_convolution", "_convolution", "convolution_backward",
                 "_nnpack_spatial_convolution", "thnn_conv", "slow_conv")
 PRODUCTS = ("mm", "addmm", "bmm", "matmul", "linear", "_addmm_activation")
@@ -46,8 +45,7 @@ ELEMENTWISE = ("add", "add_", "mul", "mul_", "div", "div_", "sub", "relu", "relu
                "_log_softmax_backward_data", "nll_loss", "nll_loss_forward", "nll_loss_backward",
                "nll_loss_nd", "cross_entropy_loss", "mean", "sum", "adaptive_avg_pool2d",
                "_adaptive_avg_pool2d", "_adaptive_avg_pool2d_backward", "mean_backward",
-               "_fused_adamw_", "_fused_adamw", "_foreach_add_", "_foreach_mul_", "lerp_",
-               "addcmul_", "addcdiv_", "sqrt", "ones_like", "fill")
+               "lerp_", "addcmul_", "addcdiv_", "sqrt", "ones_like", "fill")
 
 
 def _depthwise(shapes: list[Any]) -> bool:
@@ -72,7 +70,9 @@ def torch_kind(name: str, shapes: list[Any]) -> str:
     return "other"
 
 
-def profile_torch_path(name: str, workload: Any, steps: int) -> dict[str, Any]:
+def profile_torch_path(
+    name: str, workload: Any, steps: int, kinds: Sequence[str]
+) -> dict[str, Any]:
     """Milliseconds of self time per step, by kind and by op, over ``steps`` profiled steps.
 
     Args:
@@ -80,6 +80,7 @@ def profile_torch_path(name: str, workload: Any, steps: int) -> dict[str, Any]:
       workload: a ``benchmarks.suite_bench.Workload`` of PyTorch (``Bench.torch_train`` or
         ``Bench.torch_infer``).
       steps: steps profiled, after two warm ones.
+      kinds: every kind to report, zero where none was seen (``benchmarks.profile.KINDS``).
 
     Returns:
       ``{"path", "op_us_per_step", "by_kind_us", "top_ops", "ops_seen"}`` as
@@ -101,6 +102,6 @@ def profile_torch_path(name: str, workload: Any, steps: int) -> dict[str, Any]:
         by_op[(event.name + (" (depthwise)" if kind == "depthwise" else ""), kind)] += us
     top = sorted(((us, op, kind) for (op, kind), us in by_op.items()), reverse=True)
     return {"path": name, "op_us_per_step": sum(by_kind.values()),
-            "by_kind_us": {k: by_kind.get(k, 0.0) for k in KINDS},
+            "by_kind_us": {k: by_kind.get(k, 0.0) for k in kinds},
             "top_ops": [{"op": op, "kind": kind, "us": us} for us, op, kind in top[:12]],
             "ops_seen": len(by_op)}
