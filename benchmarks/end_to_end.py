@@ -1,7 +1,7 @@
 """End to end: ``kfor1 train`` on a folder of real JPEGs against its own step measured alone.
 
 What a user feels is the trainer's images/s, input pipeline included, not the step's. For each
-resolution this runs ``kfor1.train.train`` (configs/transfer.py on ``folder:PATH``) for
+resolution this runs ``kfor1.trainer.loop.train`` (configs/transfer.py on ``folder:PATH``) for
 ``--steps`` steps and takes the median of its logged images/s (the logs leave out the first,
 compiling step), then times, in the same process:
 
@@ -44,12 +44,12 @@ import jax  # noqa: E402
 from benchmarks.jsonfile import write_json  # noqa: E402
 from configs import transfer  # noqa: E402
 from kfor1.cpu import keep_freed_memory  # noqa: E402
-from kfor1.evaluate import group_batches  # noqa: E402
-from kfor1.experiment import setup  # noqa: E402
-from kfor1.step import make_train_step  # noqa: E402
-from kfor1.task_axis import resolution_groups  # noqa: E402
-from kfor1.train import _train_iterators, train  # noqa: E402
-from kfor1.workdir import Workdir  # noqa: E402
+from kfor1.multitask.step import make_train_step  # noqa: E402
+from kfor1.multitask.task_axis import resolution_groups  # noqa: E402
+from kfor1.trainer.evaluate import group_batches  # noqa: E402
+from kfor1.trainer.experiment import setup  # noqa: E402
+from kfor1.trainer.loop import _train_iterators, train  # noqa: E402
+from kfor1.trainer.workdir import Workdir  # noqa: E402
 
 TARGET = 0.9
 

@@ -42,7 +42,7 @@ CASES = ("kill9_random_step", "kill9_random_step_2", "kill9_random_step_3",
 NAN_RUNNER = """
 import os, sys
 import jax, jax.numpy as jnp
-import kfor1.train as t
+import kfor1.trainer.loop as t
 at = int(os.environ["KFOR1_NAN_AT_STEP"])
 build = t.make_train_step
 def make(*a, **k):
@@ -54,12 +54,12 @@ def make(*a, **k):
         return state, metrics
     return faulty
 t.make_train_step = make
-from kfor1.cli import main
+from kfor1.trainer.cli import main
 sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 
-PREDICT = "import sys; from kfor1.cli import main; sys.exit(main(sys.argv[1:]))"
+PREDICT = "import sys; from kfor1.trainer.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def train_cmd(workdir: Path, steps: int) -> list[str]:

@@ -34,7 +34,7 @@ try:
 except ModuleNotFoundError:  # Run as ``python benchmarks/lr_sweep.py`` from a checkout.
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kfor1.config import DEFAULT_LEARNING_RATES, base_config, task  # noqa: E402
+from kfor1.trainer.config import DEFAULT_LEARNING_RATES, base_config, task  # noqa: E402
 
 DEFAULT_DATA = "/work/shared/data/cifar10"
 
@@ -109,7 +109,7 @@ def _train_images_per_s(workdir: str) -> float:
 
 def run_one(data: str, patch: str, rates: dict[str, float], *, resolution: int, steps: int,
             batch_size: int, warmup: int, seed: int, root: str) -> dict[str, Any]:
-    from kfor1.train import TrainingError, train
+    from kfor1.trainer.loop import TrainingError, train
 
     full_rates = {g: rates.get(g, DEFAULT_LEARNING_RATES[g]) for g in groups_of(patch)}
     name = patch.replace("+", "-") + "_" + "_".join(f"{g}{lr:g}" for g, lr in full_rates.items())
@@ -147,7 +147,7 @@ def patch_size(patch: str, num_classes: int = 10) -> tuple[int, int]:
         import numpy as np
 
         from kfor1.models import create
-        from kfor1.spec import is_patch, partition, stats_labels
+        from kfor1.patch.spec import is_patch, partition, stats_labels
         from kfor1.tree import flatten
 
         model = create("efficientnet_lite0", num_classes=num_classes)
@@ -270,7 +270,8 @@ def document(rows: Sequence[dict[str, Any]], meta: dict[str, Any], notes: str = 
     parts = [
         "# Optimizer defaults: learning rates per patch group",
         "",
-        "`kfor1.config.DEFAULT_LEARNING_RATES` gives every patch group (see `kfor1.spec`) its own "
+        "`kfor1.trainer.config.DEFAULT_LEARNING_RATES` gives every patch group (see "
+        "`kfor1.patch.spec`) its own "
         "learning rate. This page is the experiment behind them. `benchmarks/lr_sweep.py` wrote "
         "everything but the hand-written *Chosen defaults* section; rerun the whole sweep, or "
         "only some of its runs (`--runs` takes indices into its `SWEEP` list), with",

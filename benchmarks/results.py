@@ -94,7 +94,7 @@ def _subset(cifar: Path, root: Path, classes, budget: Budget) -> str:
 
 def _config(budget: Budget, datasets, *, patch="scale_bias+logits", resolutions=None,
             names=None, **fields):
-    from kfor1.config import base_config, task
+    from kfor1.trainer.config import base_config, task
 
     c = base_config()
     c.model = budget.model
@@ -115,7 +115,7 @@ def _config(budget: Budget, datasets, *, patch="scale_bias+logits", resolutions=
 
 
 def _train(config, workdir: Path) -> dict:
-    from kfor1.train import train
+    from kfor1.trainer.loop import train
 
     if (workdir / "summary.json").exists():
         return json.loads((workdir / "summary.json").read_text())
@@ -127,7 +127,7 @@ def _accuracy_at(patch_dir: str, dataset: str, resolution: int) -> float:
     import jax
 
     from kfor1 import data as kdata
-    from kfor1.patchfile import load_patched
+    from kfor1.files.patchfile import load_patched
 
     model = load_patched(patch_dir)
     pre = model.preprocessing
@@ -147,7 +147,7 @@ def _pct(x: float) -> str:
 
 
 def transfer(budget: Budget, work: Path, data: str) -> tuple[list[str], dict]:
-    from kfor1.sweep import DEFAULT_PATCHES, sweep
+    from kfor1.trainer.sweep import DEFAULT_PATCHES, sweep
 
     patches = DEFAULT_PATCHES if budget is not TINY else STATS_PATCHES + ("scale_bias+logits",)
     result = sweep(_config(budget, [data]), str(work / "sweep"), patches, budget.lrs)

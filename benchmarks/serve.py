@@ -43,8 +43,8 @@ import optax  # noqa: E402
 
 import kfor1  # noqa: E402
 from kfor1.cpu import keep_freed_memory  # noqa: E402
+from kfor1.files.patchfile import apply_patch, make_patch  # noqa: E402
 from kfor1.models import Pretrained  # noqa: E402
-from kfor1.patchfile import apply_patch, make_patch  # noqa: E402
 from kfor1.serve import PatchServer  # noqa: E402
 
 MODEL = "efficientnet_lite0"

@@ -30,7 +30,7 @@ from benchmarks.suite_bench import (
     measure,
     tree_bytes,
 )
-from kfor1.patchfile import META_FILE, WEIGHTS_FILE, export_patch
+from kfor1.files.patchfile import META_FILE, WEIGHTS_FILE, export_patch
 
 PRESETS = ("logits", "scale_bias", "depthwise", "bias", "scale_bias+logits",
            "depthwise+scale_bias+logits", "full")

@@ -8,7 +8,7 @@ the task losses (each task still owns its patch and BatchNorm statistics); by de
 frozen, so every task patch is usable on the original base.
 """
 
-from kfor1.config import apply_overrides, arg_int, base_config, parse_arg, task
+from kfor1.trainer.config import apply_overrides, arg_int, base_config, parse_arg, task
 
 ALLOWED = {"datasets", "patch", "model", "resolution", "num_steps", "batch_size", "weights",
            "train_shared"}

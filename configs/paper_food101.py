@@ -7,7 +7,7 @@ Needs the data prepared for tensorflow-datasets (or the folder) and an accelerat
 schedule. Arguments: patch, model, weights, num_steps, batch_size, resolution.
 """
 
-from kfor1.config import paper_transfer
+from kfor1.trainer.config import paper_transfer
 
 
 def get_config(arg=None):

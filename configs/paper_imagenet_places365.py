@@ -7,7 +7,7 @@ Needs both datasets prepared for tensorflow-datasets, and accelerators: tasks ar
 'task' mesh axis (mesh.tasks=2) and each batch over 'data'.
 """
 
-from kfor1.config import PAPER_MODEL, apply_overrides, base_config, parse_arg, task
+from kfor1.trainer.config import PAPER_MODEL, apply_overrides, base_config, parse_arg, task
 
 ALLOWED = {"patch", "model", "weights", "num_steps", "batch_size", "train_shared"}
 

@@ -5,7 +5,7 @@
 Offline (weights and data ship in pip packages); about a minute on 2 CPU cores.
 """
 
-from kfor1.config import apply_overrides, base_config, parse_arg, task
+from kfor1.trainer.config import apply_overrides, base_config, parse_arg, task
 
 # What the config argument may set, e.g. configs/quickstart.py:num_steps=100,patch=logits.
 ALLOWED = {"patch", "model", "weights", "num_steps", "batch_size"}

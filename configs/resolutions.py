@@ -5,7 +5,7 @@ patch per input resolution, all trained in the same compiled step.
         --workdir runs/resolutions
 """
 
-from kfor1.config import apply_overrides, arg_int, base_config, parse_arg, task
+from kfor1.trainer.config import apply_overrides, arg_int, base_config, parse_arg, task
 
 ALLOWED = {"dataset", "resolutions", "patch", "model", "num_steps", "batch_size", "weights"}
 

@@ -7,7 +7,7 @@ Arguments: dataset (digits | folder:PATH | tfds:NAME), patch, model, resolution,
 batch_size, weights, init_patch (a patch directory to start from: sequential transfer).
 """
 
-from kfor1.config import apply_overrides, arg_int, base_config, parse_arg, task
+from kfor1.trainer.config import apply_overrides, arg_int, base_config, parse_arg, task
 
 ALLOWED = {"dataset", "patch", "model", "resolution", "num_steps", "batch_size", "weights",
            "init_patch"}

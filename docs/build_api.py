@@ -34,26 +34,26 @@ DEFAULT_OUTPUT = ROOT / "docs" / "api"
 
 # What pdoc is given. It adds the submodules whose names a package's ``__all__`` lists (and warns
 # when a module is given twice): ``kfor1`` brings kfor1.layers (with kfor1.layers.native and
-# kfor1.layers.norm), kfor1.microbatch, kfor1.models and kfor1.report (``report`` is also a
+# kfor1.layers.norm), kfor1.microbatch, kfor1.models and kfor1.patch.report (``report`` is also a
 # function's name); a package that lists none (kfor1.data, kfor1.serve) is one page.
 MODULES = (
     "kfor1",
-    "kfor1.adabn",
-    "kfor1.basefile",
-    "kfor1.config",
+    "kfor1.trainer.adabn",
+    "kfor1.files.basefile",
+    "kfor1.trainer.config",
     "kfor1.data",
     "kfor1.data.cache",
     "kfor1.errors",
-    "kfor1.multitask",
-    "kfor1.optim",
-    "kfor1.patchfile",
+    "kfor1.multitask.state",
+    "kfor1.patch.optim",
+    "kfor1.files.patchfile",
     "kfor1.serve",
     "kfor1.serve.export",
-    "kfor1.sharding",
-    "kfor1.spec",
-    "kfor1.step",
-    "kfor1.sweep",
-    "kfor1.train",
+    "kfor1.multitask.sharding",
+    "kfor1.patch.spec",
+    "kfor1.multitask.step",
+    "kfor1.trainer.sweep",
+    "kfor1.trainer.loop",
 )
 LOGGERS = ("pdoc", "markdown")
 

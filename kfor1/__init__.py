@@ -10,7 +10,8 @@ Public API:
 - patches: ``PatchSpec``, ``partition``, ``report``, ``patch_optimizer``;
 - multi-task training: ``Task``, ``init_multitask``, ``task_variables``, ``make_train_step``,
   ``make_eval_step``, ``make_predict_fn`` (inference in micro-batches: ``kfor1.microbatch``),
-  ``make_stats_step`` (each task's BatchNorm statistics: the ``stats`` patch, ``kfor1.adabn``);
+  ``make_stats_step`` (each task's BatchNorm statistics: the ``stats`` patch,
+  ``kfor1.trainer.adabn``);
 - patch files: ``export_patch``, ``load_patch``, ``apply_patch``, ``load_patched`` (a task's
   model from its patch directory) and, for runs that train their backbone, the base they apply
   to: ``export_base``, ``load_base_dir``;
@@ -21,8 +22,11 @@ Public API:
   training gradient);
 - errors: ``UserError`` (the base of every error a user's input can cause), ``TrainingError``.
 
-The trainer (config -> workdir) is ``kfor1.train.train``, the patch sweep (config -> which patch,
-at which learning rates) ``kfor1.sweep.sweep``; the command line is ``kfor1.cli``.
+The library is the packages ``kfor1.data``, ``kfor1.layers``, ``kfor1.models``, ``kfor1.patch``,
+``kfor1.multitask``, ``kfor1.files`` and ``kfor1.serve``, in the data's order, each importing
+only those before it. The trainer is ``kfor1.trainer``, which nothing above imports: a run
+(config -> workdir) is ``kfor1.trainer.loop.train``, the patch sweep (config -> which patch, at
+which learning rates) ``kfor1.trainer.sweep.sweep``, the command line ``kfor1.trainer.cli``.
 """
 
 import os
@@ -34,21 +38,21 @@ import os
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from kfor1 import layers, microbatch, models
-from kfor1.basefile import export_base, load_base_dir
 from kfor1.errors import TrainingError, UserError
+from kfor1.files.basefile import export_base, load_base_dir
+from kfor1.files.patchfile import apply_patch, export_patch, load_patch, load_patched
 from kfor1.layers import native, norm
 from kfor1.models import Pretrained, create, load_pretrained
-from kfor1.multitask import Layout, MultiTaskState, Task, init_multitask, task_variables
-from kfor1.optim import patch_optimizer
-from kfor1.patchfile import apply_patch, export_patch, load_patch, load_patched
-from kfor1.report import PatchReport, report
-from kfor1.sharding import make_mesh, shard_batch, shard_state
-from kfor1.spec import PRESETS, PatchSpec, PatchSpecError, partition, stats_labels
-from kfor1.step import make_eval_step, make_predict_fn, make_stats_step, make_train_step
+from kfor1.multitask.sharding import make_mesh, shard_batch, shard_state
+from kfor1.multitask.state import Layout, MultiTaskState, Task, init_multitask, task_variables
+from kfor1.multitask.step import make_eval_step, make_predict_fn, make_stats_step, make_train_step
+from kfor1.patch.optim import patch_optimizer
+from kfor1.patch.report import PatchReport, report
+from kfor1.patch.spec import PRESETS, PatchSpec, PatchSpecError, partition, stats_labels
 
 # Bound again here, so that pdoc shows the docstring below on kfor1's own page.
 PRESETS = PRESETS
-"""The patch presets, ``kfor1.spec.PRESETS``: ``logits`` (the head), ``scale_bias`` (BatchNorm
+"""The patch presets, ``kfor1.patch.spec.PRESETS``: ``logits`` (the head), ``scale_bias`` (BatchNorm
 scales and biases, with their statistics), ``depthwise`` (depthwise kernels), ``bias`` (every
 bias), ``full`` (everything), ``stats`` (BatchNorm statistics only, AdaBN), ``input_stats``
 (the stem's BatchNorm statistics only) and ``none``; a spec joins them with ``+``:

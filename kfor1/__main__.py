@@ -2,7 +2,7 @@
 
 import sys
 
-from kfor1.cli import main
+from kfor1.trainer.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

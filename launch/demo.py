@@ -26,14 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     from absl import logging
 
     from configs.quickstart import get_config
-    from kfor1.compile_cache import enable_compilation_cache
     from kfor1.cpu import keep_freed_memory
     from kfor1.table import format_table
-    from kfor1.train import train
+    from kfor1.trainer.compile_cache import enable_compilation_cache
+    from kfor1.trainer.loop import train
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO.
     keep_freed_memory()  # See kfor1/cpu.py: XLA:CPU steps otherwise re-fault their buffers.
-    enable_compilation_cache()  # A second demo compiles nothing: kfor1/compile_cache.py.
+    enable_compilation_cache()  # A second demo compiles nothing: kfor1/trainer/compile_cache.py.
 
     rows = []
     for patch in PATCHES:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from kfor1.cli import main
+from kfor1.trainer.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["predict", *sys.argv[1:]]))

@@ -6,7 +6,7 @@
 
 import sys
 
-from kfor1.cli import main
+from kfor1.trainer.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

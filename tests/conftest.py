@@ -38,7 +38,7 @@ def trained_run(colours, tmp_path_factory):
     trainer, workdir, patch-file and CLI tests (read it, never write to it)."""
     from tiny_runs import run_config
 
-    from kfor1.train import train
+    from kfor1.trainer.loop import train
 
     workdir = tmp_path_factory.mktemp("uninterrupted")
     return workdir, train(run_config(colours), str(workdir))

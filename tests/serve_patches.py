@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kfor1.basefile import fingerprint
+from kfor1.files.basefile import fingerprint
+from kfor1.files.patchfile import Patch
 from kfor1.models import Preprocessing, Pretrained, create, imagenet_class_names
-from kfor1.patchfile import Patch
+from kfor1.patch.spec import head_module
 from kfor1.serve import spec_leaves
-from kfor1.spec import head_module
 from kfor1.tree import flatten, unflatten
 
 RESOLUTION = 32

@@ -1,5 +1,6 @@
-"""The ``stats`` patch (AdaBN): kfor1/adabn.py, ``make_stats_step`` and the ``stats`` preset in
-kfor1/spec.py. Statistics are each task's own, estimated exactly before training, untouched by
+"""The ``stats`` patch (AdaBN): kfor1/trainer/adabn.py, ``make_stats_step`` and the ``stats``
+preset in
+kfor1/patch/spec.py. Statistics are each task's own, estimated exactly before training, untouched by
 training, carried by the patch file, resumed, and a warm start of ``scale_bias``."""
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import pytest
 
 import kfor1
 from kfor1 import data as kdata
-from kfor1.adabn import reestimate_stats
-from kfor1.config import base_config, task
-from kfor1.experiment import setup
-from kfor1.multitask import task_variables
-from kfor1.patchfile import load_patch, load_patched, start_from_patch
-from kfor1.spec import PATCH, SHARED, PatchSpecError, input_batchnorm, partition, stats_labels
-from kfor1.train import train
+from kfor1.files.patchfile import load_patch, load_patched, start_from_patch
+from kfor1.multitask.state import task_variables
+from kfor1.patch.spec import PATCH, SHARED, PatchSpecError, input_batchnorm, partition, stats_labels
+from kfor1.trainer.adabn import reestimate_stats
+from kfor1.trainer.config import base_config, task
+from kfor1.trainer.experiment import setup
+from kfor1.trainer.loop import train
 from kfor1.tree import flatten
 
 
@@ -123,8 +124,8 @@ def test_a_stats_patch_warm_starts_scale_bias(tmp_path):
 
 @pytest.mark.parametrize("value", [0, -5])
 def test_stats_images_must_be_positive(value):
-    from kfor1.config import ConfigError
-    from kfor1.experiment import check_values
+    from kfor1.trainer.config import ConfigError
+    from kfor1.trainer.experiment import check_values
 
     with pytest.raises(ConfigError, match="config.stats_images"):
         check_values(_config(stats_images=value))

@@ -10,9 +10,9 @@ import shutil
 import pytest
 from tiny_runs import run_config, write_folder
 
-from kfor1 import cli
 from kfor1.data import DataError, load_source
-from kfor1.train import train
+from kfor1.trainer import cli
+from kfor1.trainer.loop import train
 
 
 @pytest.fixture()

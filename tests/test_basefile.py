@@ -2,8 +2,8 @@
 (``base/``), its patches record that base's fingerprint and find it, and they are refused on
 any other base with a message that names the one they need.
 
-Read as a specification of ``kfor1.basefile`` and of the trained-base half of
-``kfor1.patchfile.load_patched``.
+Read as a specification of ``kfor1.files.basefile`` and of the trained-base half of
+``kfor1.files.patchfile.load_patched``.
 """
 
 from __future__ import annotations
@@ -18,23 +18,23 @@ import pytest
 from PIL import Image
 from tiny_runs import run_config
 
-from kfor1 import cli
-from kfor1.basefile import (
+from kfor1.files.basefile import (
     BaseFileError,
     export_base,
     fingerprint,
     load_base_dir,
 )
+from kfor1.files.patchfile import PatchFileError, apply_patch, load_patch, load_patched
 from kfor1.models import Pretrained, create, load_pretrained
-from kfor1.multitask import task_variables
-from kfor1.patchfile import PatchFileError, apply_patch, load_patch, load_patched
-from kfor1.workdir import restore
+from kfor1.multitask.state import task_variables
+from kfor1.trainer import cli
+from kfor1.trainer.workdir import restore
 
 
 @pytest.fixture(scope="module")
 def shared_run(colours, tmp_path_factory):
     """A K = 2 run that trains its backbone with the patches (Lite0, 32 px, 4 steps)."""
-    from kfor1.train import train
+    from kfor1.trainer.loop import train
 
     workdir = tmp_path_factory.mktemp("train_shared")
     train(run_config(colours, train_shared=True, num_steps=4), str(workdir))

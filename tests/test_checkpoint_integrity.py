@@ -2,7 +2,7 @@
 silently; the latest falls back to the previous (with a warning) and the run still ends exactly
 where an uninterrupted one does; a step asked for by number is refused by name; a frozen
 backbone that differs from the base is refused. And a resume leaves no duplicate steps in
-TensorBoard's event files. Read as a specification of ``kfor1.checkpoint``."""
+TensorBoard's event files. Read as a specification of ``kfor1.trainer.checkpoint``."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import pytest
 import tensorflow as tf
 from tiny_runs import metrics, run_config
 
-from kfor1 import cli
-from kfor1.checkpoint import CheckpointCorruptError, Checkpointer
-from kfor1.train import train
+from kfor1.trainer import cli
+from kfor1.trainer.checkpoint import CheckpointCorruptError, Checkpointer
+from kfor1.trainer.loop import train
+from kfor1.trainer.workdir import restore
 from kfor1.tree import flatten, unflatten
-from kfor1.workdir import restore
 
 
 def _largest_chunk(step_dir: Path) -> Path:

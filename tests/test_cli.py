@@ -1,7 +1,7 @@
 """The command line: every command, and one message for one user error whichever entry point
 (``kfor1 ...`` or ``python -m launch.*``) ran it.
 
-Read as a specification of ``kfor1.cli`` and ``launch/``.
+Read as a specification of ``kfor1.trainer.cli`` and ``launch/``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kfor1 import cli
 from kfor1.errors import USER_ERRORS, TrainingError
-from kfor1.patchfile import load_patch
+from kfor1.files.patchfile import load_patch
+from kfor1.trainer import cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,8 +90,8 @@ def test_help_config_refuses_what_it_cannot_use(capsys):
 
 def test_every_config_field_has_a_meaning():
     """A field added to base_config without a comment would print bare under --help-config."""
-    from kfor1.config import base_config
-    from kfor1.config_help import field_comments
+    from kfor1.trainer.config import base_config
+    from kfor1.trainer.config_help import field_comments
 
     comments = field_comments()
     assert sorted(set(base_config()) - set(comments)) == []
@@ -139,7 +139,7 @@ def test_every_user_error_class_is_the_same_one_line_from_both_entry_points(
     def fail(*args, **kwargs):
         raise error("the thing was wrong;\n  do this instead")
 
-    monkeypatch.setattr("kfor1.train.train", fail)
+    monkeypatch.setattr("kfor1.trainer.loop.train", fail)
     argv = ["--config", "configs/quickstart.py", "--workdir", str(tmp_path)]
     monkeypatch.chdir(REPO)
     results = [_via_kfor1(argv, capsys), _via_launch(argv, capsys, monkeypatch)]

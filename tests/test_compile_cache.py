@@ -1,5 +1,5 @@
-"""``kfor1.compile_cache``: JAX's setting wins, kfor1's variable names or disables the cache,
-and an unusable directory leaves it off instead of failing a run."""
+"""``kfor1.trainer.compile_cache``: JAX's setting wins, kfor1's variable names or disables the
+cache, and an unusable directory leaves it off instead of failing a run."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import jax
 import pytest
 
-from kfor1 import compile_cache
+from kfor1.trainer import compile_cache
 
 
 @pytest.fixture

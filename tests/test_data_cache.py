@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kfor1 import cli
 from kfor1 import data as kdata
-from kfor1.config import ConfigError
 from kfor1.data._tf import tf
 from kfor1.data.cache import decoded_cache, estimate_bytes, shrink
-from kfor1.experiment import TaskData, check_cache_fits
-from kfor1.multitask import Task
+from kfor1.multitask.state import Task
+from kfor1.trainer import cli
+from kfor1.trainer.config import ConfigError
+from kfor1.trainer.experiment import TaskData, check_cache_fits
 
 MEAN, STD = (127.5,) * 3, (127.5,) * 3
 
@@ -131,7 +131,7 @@ def test_a_cached_run_equals_the_uncached_run(colours, trained_run, tmp_path):
     again with the cache: the same metrics, step by step."""
     from tiny_runs import metrics, run_config
 
-    from kfor1.train import train
+    from kfor1.trainer.loop import train
 
     reference, _ = trained_run
     train(run_config(colours, cache_images=True), str(tmp_path / "cached"))

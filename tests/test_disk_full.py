@@ -1,6 +1,6 @@
 """A full disk is one line, found before a checkpoint is started, and the checkpoints already
 written stay intact: the run resumes from them once there is space. Read as a specification of
-``kfor1.files.check_free_space`` and its use in ``kfor1.checkpoint``."""
+``kfor1.files.atomic.check_free_space`` and its use in ``kfor1.trainer.checkpoint``."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 
-from kfor1 import files
-from kfor1.checkpoint import Checkpointer
-from kfor1.files import DiskFullError, check_free_space, is_disk_full
+from kfor1.files.atomic import DiskFullError, check_free_space, is_disk_full
+from kfor1.files.atomic import atomic as files
+from kfor1.trainer.checkpoint import Checkpointer
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, "-m", "launch.train", "--config",
@@ -89,7 +89,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_space(small_d
 
     # The checkpoint written before the disk filled is whole: the run resumes from it (a rerun
     # that then trains to the end is what tests/test_train.py's resume tests do).
-    from kfor1.workdir import restore
+    from kfor1.trainer.workdir import restore
 
     _, state = restore(workdir)
     assert int(state.step) == 2

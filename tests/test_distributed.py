@@ -1,7 +1,8 @@
 """The trainer as 2 processes x 2 CPU devices on localhost (``jax.distributed`` with a
 coordinator on 127.0.0.1 and Gloo collectives) ends with the metrics and patches of 1 process x
 4 devices; ``config.distributed=True`` without a cluster says what to set. Read as a
-specification of ``kfor1.distributed`` and the multi-process paths of ``kfor1.train``."""
+specification of ``kfor1.trainer.distributed`` and the multi-process paths of
+``kfor1.trainer.loop``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kfor1.patchfile import load_patch
+from kfor1.files.patchfile import load_patch
 from kfor1.tree import flatten
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kfor1 import cli
+from kfor1.trainer import cli
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = sorted(p.name for p in (REPO / "configs").glob("paper_*.py"))

@@ -3,13 +3,13 @@ every entry point reports ``USER_ERRORS`` as one line (see test_cli.py for the e
 
 import pytest
 
-from kfor1.config import ConfigError
 from kfor1.data import DataError
 from kfor1.errors import USER_ERRORS, TrainingError, UserError, one_line
+from kfor1.files.patchfile import PatchFileError
 from kfor1.images import ImageReadError
 from kfor1.models import CheckpointFormatError, WeightMismatchError
-from kfor1.patchfile import PatchFileError
-from kfor1.spec import PatchSpecError
+from kfor1.patch.spec import PatchSpecError
+from kfor1.trainer.config import ConfigError
 
 
 @pytest.mark.parametrize("error", [ConfigError, DataError, ImageReadError,

@@ -1,13 +1,13 @@
-"""A config resolved into a run: ``kfor1.experiment.setup`` checks what it can before it loads
-anything, parses the patch spec once, and can leave the train splits closed."""
+"""A config resolved into a run: ``kfor1.trainer.experiment.setup`` checks what it can before it
+loads anything, parses the patch spec once, and can leave the train splits closed."""
 
 from __future__ import annotations
 
 import pytest
 from tiny_runs import run_config
 
-from kfor1 import experiment
-from kfor1.spec import PatchSpec
+from kfor1.patch.spec import PatchSpec
+from kfor1.trainer import experiment
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""``kfor1.files``: a run's files are written whole or not at all, with the umask's mode."""
+"""``kfor1.files.atomic``: a run's files are written whole or not at all, with the umask's mode."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from kfor1.files import atomic_write
+from kfor1.files.atomic import atomic_write
 
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):

@@ -1,6 +1,6 @@
 """Sequential transfer (the paper's other mode): ``init_patch`` starts a task's patch from a
 patch trained on another task, on the same base. Read as a specification of
-``kfor1.patchfile.start_from_patch`` and ``config.tasks[i].init_patch``."""
+``kfor1.files.patchfile.start_from_patch`` and ``config.tasks[i].init_patch``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from tiny_runs import run_config
 
-from kfor1.config import ConfigError, task
-from kfor1.experiment import check_values, setup
-from kfor1.multitask import task_variables
-from kfor1.patchfile import PatchFileError, load_patch, start_from_patch
+from kfor1.files.patchfile import PatchFileError, load_patch, start_from_patch
+from kfor1.multitask.state import task_variables
+from kfor1.trainer.config import ConfigError, task
+from kfor1.trainer.experiment import check_values, setup
 from kfor1.tree import flatten
 
 

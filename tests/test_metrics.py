@@ -1,10 +1,11 @@
-"""``kfor1.metrics.train_scalars``: a logged step's scalars, and images/s only when measured."""
+"""``kfor1.trainer.metrics.train_scalars``: a logged step's scalars, and images/s only when
+measured."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from kfor1.metrics import train_scalars
+from kfor1.trainer.metrics import train_scalars
 
 
 def test_train_scalars_names_every_task_and_group():

@@ -1,7 +1,7 @@
 """K-task state: ``init_multitask`` stacks patches, BN statistics and heads on a task axis and
 stores shared parameters once; ``task_variables`` gives one task's plain Flax variables.
 
-Read as a specification of ``kfor1.multitask`` (with the step that trains the state).
+Read as a specification of ``kfor1.multitask.state`` (with the step that trains the state).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from tiny_models import (
     split_flat,
 )
 
-from kfor1.multitask import Task, task_variables
-from kfor1.optim import patch_optimizer
-from kfor1.spec import SHARED
-from kfor1.step import make_predict_fn, make_train_step
+from kfor1.multitask.state import Task, task_variables
+from kfor1.multitask.step import make_predict_fn, make_train_step
+from kfor1.patch.optim import patch_optimizer
+from kfor1.patch.spec import SHARED
 from kfor1.tree import flatten
 
 # --- frozen shared parameters ----------------------------------------------------------------

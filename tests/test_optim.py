@@ -1,6 +1,6 @@
 """The patch optimiser: per-group transforms, frozen shared leaves, every group covered.
 
-Read as a specification of ``kfor1.optim`` (``patch_optimizer`` and ``build_optimizer``).
+Read as a specification of ``kfor1.patch.optim`` (``patch_optimizer`` and ``build_optimizer``).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from tiny_models import (
     make_batch,
 )
 
-from kfor1.config import base_config
-from kfor1.multitask import Task, init_multitask
-from kfor1.optim import build_optimizer, patch_optimizer
-from kfor1.spec import SHARED, partition
-from kfor1.step import make_train_step
+from kfor1.multitask.state import Task, init_multitask
+from kfor1.multitask.step import make_train_step
+from kfor1.patch.optim import build_optimizer, patch_optimizer
+from kfor1.patch.spec import SHARED, partition
+from kfor1.trainer.config import base_config
 from kfor1.tree import flatten
 
 # --- per-group optimisers --------------------------------------------------------------------

@@ -2,7 +2,7 @@
 patch (wrong when written, or edited and re-hashed) is refused naming the field. One test per
 case of issue 13.
 
-Read as a specification of ``kfor1.patchcheck`` and of ``kfor1.patchfile.load_patch``.
+Read as a specification of ``kfor1.files.patchcheck`` and of ``kfor1.files.patchfile.load_patch``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import shutil
 import numpy as np
 import pytest
 
+from kfor1.files.patchfile import Patch, PatchFileError, load_patch, write_patch
 from kfor1.models.registry import MIN_RESOLUTION
-from kfor1.patchfile import Patch, PatchFileError, load_patch, write_patch
 from kfor1.tree import flatten, unflatten
 
 
@@ -110,7 +110,7 @@ def test_a_string_format_version_is_refused(patch_dir):
     _rewritten(patch_dir, lambda m: m.update(format_version="1"))
     with pytest.raises(PatchFileError, match="malformed: format_version is '1', not an integer"):
         # write_patch stamps the current version; put the string back and re-hash by hand.
-        from kfor1.patchcheck import INTEGRITY_KEY, content_hash
+        from kfor1.files.patchcheck import INTEGRITY_KEY, content_hash
 
         meta = json.loads((patch_dir / "patch.json").read_text())
         meta["format_version"] = "1"

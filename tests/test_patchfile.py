@@ -1,7 +1,7 @@
 """Patch files: exported from a trained run, applied to their base they give that run's model
 bit for bit; applied to another base they are refused.
 
-Read as a specification of ``kfor1.patchfile``.
+Read as a specification of ``kfor1.files.patchfile``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from kfor1.multitask import task_variables
-from kfor1.patchfile import PatchFileError, apply_patch, describe, load_patch, task_meta
-from kfor1.workdir import restore
+from kfor1.files.patchfile import PatchFileError, apply_patch, describe, load_patch, task_meta
+from kfor1.multitask.state import task_variables
+from kfor1.trainer.workdir import restore
 
 
 def test_exported_patch_on_its_base_gives_bitwise_identical_logits(trained_run):

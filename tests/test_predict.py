@@ -14,9 +14,9 @@ import skimage.data
 from PIL import Image
 
 import kfor1.models
-from kfor1 import cli
 from kfor1.images import ImageReadError, center_crop_resize, load_image
-from kfor1.predict import top_k
+from kfor1.serve.predict import top_k
+from kfor1.trainer import cli
 
 REPO = Path(__file__).resolve().parents[1]
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger/Persian/Siamese/Egyptian cat

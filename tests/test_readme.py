@@ -34,7 +34,7 @@ def test_the_serving_example_runs_as_written(tmp_path, monkeypatch):
     import optax
 
     import kfor1
-    from kfor1.patchfile import make_patch, write_patch
+    from kfor1.files.patchfile import make_patch, write_patch
 
     section = README.read_text().split("## Serving K tasks from one base", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)

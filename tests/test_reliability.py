@@ -1,8 +1,8 @@
 """Issue 13's user errors and silent wrong results, one test per case: each is one actionable
 line (rc 2, no traceback) raised before any expensive work, or a refusal with its reason.
 
-Read as a specification of the checks in ``kfor1.config``, ``kfor1.experiment``, ``kfor1.train``
-and ``kfor1.cli``.
+Read as a specification of the checks in ``kfor1.trainer.config``, ``kfor1.trainer.experiment``,
+``kfor1.trainer.loop`` and ``kfor1.trainer.cli``.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 from tiny_runs import run_config
 
-from kfor1 import cli
-from kfor1.config import ConfigError
-from kfor1.experiment import check_values
+from kfor1.trainer import cli
+from kfor1.trainer.config import ConfigError
+from kfor1.trainer.experiment import check_values
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_a_config_file_that_does_not_exist(tmp_path, capsys):
 
 
 def test_a_workdir_that_is_a_file(tmp_path, colours):
-    from kfor1.train import train
+    from kfor1.trainer.loop import train
 
     path = tmp_path / "file"
     path.write_text("x")
@@ -90,7 +90,7 @@ def test_a_resolution_of_1_is_refused(colours):
 
 
 def test_a_dataset_with_one_class_is_refused(tmp_path):
-    from kfor1.experiment import setup
+    from kfor1.trainer.experiment import setup
 
     for split in ("train", "test"):
         (tmp_path / "one" / split / "only").mkdir(parents=True)
@@ -120,7 +120,7 @@ def test_quickstart_takes_its_argument():
 
 
 def test_a_refused_resume_leaves_config_json_as_it_was(trained_run, tmp_path, colours):
-    from kfor1.train import train
+    from kfor1.trainer.loop import train
 
     workdir, _ = trained_run
     copy = shutil.copytree(workdir, tmp_path / "run")
@@ -141,10 +141,10 @@ def test_a_diverging_run_stops_and_checkpoints_only_healthy_states(colours, tmp_
     """Adam at a learning rate of 1e6: losses of 1e9 and more that are never NaN."""
     import jax
 
-    from kfor1.checkpoint import Checkpointer
     from kfor1.errors import TrainingError
-    from kfor1.experiment import setup
-    from kfor1.train import train
+    from kfor1.trainer.checkpoint import Checkpointer
+    from kfor1.trainer.experiment import setup
+    from kfor1.trainer.loop import train
 
     config = run_config(colours, num_steps=8, checkpoint_every=1)
     config.tasks = [config.tasks[0]]
@@ -196,7 +196,7 @@ def test_a_stop_signal_mid_run_saves_the_last_step_and_resumes(signum, colours, 
     stopped = int(err.split("stopped after step ")[1].split(",")[0])
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert stopped >= 2 and steps[-1] == stopped
-    from kfor1.checkpoint import Checkpointer
+    from kfor1.trainer.checkpoint import Checkpointer
 
     ckpt = Checkpointer(workdir / "checkpoints")
     assert ckpt.latest_step() == stopped

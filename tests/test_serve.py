@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from serve_patches import RESOLUTION, lite0_base, make_patch
 
-from kfor1.patchfile import PatchFileError, apply_patch, load_patch, write_patch
+from kfor1.files.patchfile import PatchFileError, apply_patch, load_patch, write_patch
 from kfor1.serve import PatchServer, PatchTableError, UnknownTaskError
 from kfor1.tree import flatten
 
@@ -114,7 +114,7 @@ def test_add_and_remove_never_recompile(base, patches):
 
 
 def test_from_state_serves_a_trained_multitask_state(trained_run):
-    from kfor1.workdir import restore
+    from kfor1.trainer.workdir import restore
 
     workdir, _ = trained_run
     s, state = restore(workdir)
@@ -207,8 +207,7 @@ def test_predict_serves_tagged_images_of_several_tasks(trained_run, tmp_path, ca
 
     from PIL import Image
 
-    from kfor1 import cli
-
+    from kfor1.trainer import cli
     workdir, _ = trained_run
     red, digit = tmp_path / "red.png", tmp_path / "digit.png"
     Image.fromarray(np.full((40, 40, 3), (200, 30, 30), np.uint8)).save(red)

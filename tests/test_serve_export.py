@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from serve_patches import lite0_base, make_patch
 
-from kfor1 import cli
-from kfor1.patchfile import write_patch
+from kfor1.files.patchfile import write_patch
 from kfor1.serve import PatchServer
 from kfor1.serve.export import ExportError, export
+from kfor1.trainer import cli
 
 TASKS = (("flowers", "scale_bias+logits", 102), ("cars", "depthwise+scale_bias+logits", 10),
          ("dtd", "logits", 5))

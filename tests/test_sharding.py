@@ -1,7 +1,7 @@
 """Sharded multi-task training: the same run on one device and on a ('task', 'data') mesh of 8
 simulated CPU devices (see conftest.py) gives the same patches, statistics and losses.
 
-Read as a specification of ``kfor1.sharding`` and of ``init_multitask(..., mesh=...)``.
+Read as a specification of ``kfor1.multitask.sharding`` and of ``init_multitask(..., mesh=...)``.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tiny_models import TinyCNN, pretrained_like
 
-from kfor1.multitask import Task, init_multitask, task_variables
-from kfor1.optim import patch_optimizer
-from kfor1.sharding import make_mesh, shard_batch, shard_state
-from kfor1.spec import partition
-from kfor1.step import make_train_step
+from kfor1.multitask.sharding import make_mesh, shard_batch, shard_state
+from kfor1.multitask.state import Task, init_multitask, task_variables
+from kfor1.multitask.step import make_train_step
+from kfor1.patch.optim import patch_optimizer
+from kfor1.patch.spec import partition
 from kfor1.tree import flatten
 
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -1,6 +1,6 @@
 """Patch specs: which leaves each preset, combination or rule list labels as the task's patch.
 
-Read as a specification of ``kfor1.spec.partition`` and ``kfor1.report.report``.
+Read as a specification of ``kfor1.patch.spec.partition`` and ``kfor1.patch.report.report``.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 from tiny_models import TinyCNN
 
 import kfor1
-from kfor1.report import report
-from kfor1.spec import PATCH, SHARED, PatchSpecError, partition, stats_labels
+from kfor1.patch.report import report
+from kfor1.patch.spec import PATCH, SHARED, PatchSpecError, partition, stats_labels
 from kfor1.tree import flatten
 
 

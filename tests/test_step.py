@@ -24,10 +24,10 @@ from tiny_models import (
     split_flat,
 )
 
-from kfor1.multitask import Task, init_multitask, task_variables
-from kfor1.optim import patch_optimizer
-from kfor1.spec import partition
-from kfor1.step import make_eval_step, make_predict_fn, make_train_step
+from kfor1.multitask.state import Task, init_multitask, task_variables
+from kfor1.multitask.step import make_eval_step, make_predict_fn, make_train_step
+from kfor1.patch.optim import patch_optimizer
+from kfor1.patch.spec import partition
 from kfor1.tree import flatten, unflatten
 
 

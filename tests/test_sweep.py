@@ -1,4 +1,5 @@
-"""``kfor1 sweep`` (kfor1/sweep.py, kfor1/sweep_report.py): every patch at a small learning-rate
+"""``kfor1 sweep`` (kfor1/trainer/sweep.py, kfor1/trainer/sweep_report.py): every patch at a small
+learning-rate
 grid, chosen on validation, the test split read once at the end, resumable, one-line errors."""
 
 from __future__ import annotations
@@ -10,11 +11,11 @@ import pytest
 from PIL import Image
 
 import kfor1.data
-import kfor1.sweep as sweep_module
-from kfor1.cli import main
-from kfor1.config import base_config, task
-from kfor1.sweep import SweepError, parse_grid, parse_patches, sweep
-from kfor1.sweep_report import pareto_front, plot
+import kfor1.trainer.sweep as sweep_module
+from kfor1.trainer.cli import main
+from kfor1.trainer.config import base_config, task
+from kfor1.trainer.sweep import SweepError, parse_grid, parse_patches, sweep
+from kfor1.trainer.sweep_report import pareto_front, plot
 
 TIMINGS = ("train_seconds", "images_per_s")
 

@@ -1,7 +1,7 @@
 """The training loop end to end: what a run writes, resuming after an interruption, stopping
 on divergence, and config mistakes caught before any training.
 
-Read as a specification of ``kfor1.train`` (the runs are ``tiny_runs``'s).
+Read as a specification of ``kfor1.trainer.loop`` (the runs are ``tiny_runs``'s).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from tiny_runs import metrics, run_config, write_folder
 
-from kfor1.checkpoint import Checkpointer
-from kfor1.config import task
 from kfor1.errors import TrainingError
-from kfor1.patchfile import load_patch
-from kfor1.train import train
+from kfor1.files.patchfile import load_patch
+from kfor1.trainer.checkpoint import Checkpointer
+from kfor1.trainer.config import task
+from kfor1.trainer.loop import train
 
 
 def test_workdir_holds_metrics_events_checkpoints_patches_and_summary(trained_run):

@@ -16,9 +16,7 @@ import pytest
 from tiny_runs import run_config, write_folder
 
 import kfor1
-from kfor1 import cli
-from kfor1.config import ConfigError
-from kfor1.experiment import model_kwargs
+from kfor1.files.patchfile import load_patch, load_patched
 from kfor1.models import (
     Preprocessing,
     UnknownModelError,
@@ -29,7 +27,9 @@ from kfor1.models import (
     register,
     unregister,
 )
-from kfor1.patchfile import load_patch, load_patched
+from kfor1.trainer import cli
+from kfor1.trainer.config import ConfigError
+from kfor1.trainer.experiment import model_kwargs
 from kfor1.tree import flatten
 
 FACTORY = "tests.user_model:factory"
@@ -87,7 +87,7 @@ def test_a_registered_name_works_as_config_model(registered, tmp_path):
     again = load_pretrained("user_net")  # Seeded: the same base, so patches find it again.
     jax.tree.map(np.testing.assert_array_equal, base.variables, again.variables)
     config = run_config(write_folder(tmp_path / "c"), model="user_net", num_steps=2)
-    from kfor1.train import train
+    from kfor1.trainer.loop import train
 
     summary = train(config, str(tmp_path / "run"))
     assert set(summary["tasks"]) == {"digits", "colours"}
@@ -117,7 +117,7 @@ def test_load_fn_weights_are_used_and_checked():
 
 
 def test_options_go_to_the_factory_only_if_it_takes_them():
-    config = kfor1.config.base_config()
+    config = kfor1.trainer.config.base_config()
     config.model = FACTORY
     assert model_kwargs(config) == {}  # conv_impl and bn_momentum at defaults: dropped.
     config.dtype = "bfloat16"
@@ -168,7 +168,7 @@ def test_weights_without_a_load_fn_are_refused(registered, tmp_path):
 
 
 def test_a_config_with_a_user_model_is_checked_by_dry_run(tmp_path):
-    from kfor1.dryrun import dry_run
+    from kfor1.trainer.dryrun import dry_run
 
     config = run_config(write_folder(tmp_path / "c"), model=FACTORY)
     text, problems = dry_run(config)

@@ -1,7 +1,7 @@
 """A validation split held out of train (``config.validation``): stratified and seeded, read by
 the periodic evaluations, with the test split read only by the final one; ``metrics.jsonl``
 and ``summary.json`` say which split each accuracy comes from. Read as a specification of
-``kfor1.data.validation`` and its use in ``kfor1.train``."""
+``kfor1.data.validation`` and its use in ``kfor1.trainer.loop``."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import tensorflow as tf
 from tiny_runs import run_config
 
-from kfor1 import evaluate as evaluate_module
-from kfor1 import train as train_module
 from kfor1.data import DataError, hold_out, parse_validation
-from kfor1.experiment import check_values
+from kfor1.trainer import evaluate as evaluate_module
+from kfor1.trainer import loop as train_module
+from kfor1.trainer.experiment import check_values
 
 
 def _labelled(labels):
@@ -100,7 +100,7 @@ def _with_val(root, classes=("red", "green", "blue")):
 
 
 def test_a_folders_val_split_is_the_validation_split(tmp_path):
-    from kfor1.experiment import setup
+    from kfor1.trainer.experiment import setup
 
     folder = _with_val(tmp_path / "data")
     c = run_config(folder, validation="split")
@@ -113,7 +113,7 @@ def test_a_folders_val_split_is_the_validation_split(tmp_path):
 
 
 def test_a_val_split_missing_a_class_is_named(tmp_path):
-    from kfor1.experiment import setup
+    from kfor1.trainer.experiment import setup
 
     folder = _with_val(tmp_path / "data", classes=("red", "green"))
     c = run_config(folder, validation="split")

@@ -1,6 +1,6 @@
 """A run's directory: its layout, and eval and export from it without the train split.
 
-Read as a specification of ``kfor1.workdir``.
+Read as a specification of ``kfor1.trainer.workdir``.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from tiny_runs import run_config, write_folder
 
-from kfor1.config import task
 from kfor1.data import DataError
-from kfor1.patchfile import load_patch
-from kfor1.train import train
-from kfor1.workdir import (
+from kfor1.files.patchfile import load_patch
+from kfor1.trainer.config import task
+from kfor1.trainer.loop import train
+from kfor1.trainer.workdir import (
     Workdir,
     evaluate_workdir,
     export_workdir,

@@ -1,6 +1,6 @@
 """One run at a time in a workdir: a second run is refused with the holder's PID and host, and
 the lock of a run killed with ``kill -9`` is taken over. Read as a specification of
-``kfor1.workdir.locked``."""
+``kfor1.trainer.workdir.locked``."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from kfor1 import cli
-from kfor1.workdir import WorkdirBusyError, locked
+from kfor1.trainer import cli
+from kfor1.trainer.workdir import WorkdirBusyError, locked
 
 REPO = Path(__file__).resolve().parents[1]
 
 HOLD = """
 import sys, time
-from kfor1.workdir import locked
+from kfor1.trainer.workdir import locked
 with locked(sys.argv[1]):
     print("held", flush=True)
     time.sleep(120)

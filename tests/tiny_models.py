@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kfor1.multitask import init_multitask
-from kfor1.optim import patch_optimizer
-from kfor1.spec import partition
+from kfor1.multitask.state import init_multitask
+from kfor1.patch.optim import patch_optimizer
+from kfor1.patch.spec import partition
 from kfor1.tree import flatten, unflatten
 
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -62,7 +62,7 @@ class _Stem(nn.Module):
 
 class StemNet(nn.Module):
     """UserNet with its first convolution and BatchNorm in a module of their own, as the
-    ``input_stats`` patch needs (``kfor1.spec.input_batchnorm``)."""
+    ``input_stats`` patch needs (``kfor1.patch.spec.input_batchnorm``)."""
 
     num_classes: int = 7
     width: int = 8

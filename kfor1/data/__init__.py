@@ -7,6 +7,9 @@ resumable at any step; evaluation: one pass, padded and masked), and ``stack_tas
 ``multitask_train_batches`` stack K tasks' batches into the (K, B, ...) arrays of the
 multi-task step. TensorFlow is used on the CPU only; JAX keeps the accelerators.
 Problems with the data raise ``DataError`` (a ``ValueError``) with a message naming the fix.
+
+Station 1 of the data's order (config -> **data** -> model -> patch -> ...). May import only the
+shared root modules (``errors``, ``images``): data knows nothing of models or patches.
 """
 
 from kfor1.data.decode import decode_example, decode_image

@@ -6,6 +6,8 @@ shifted multiply-adds or a compiled kernel, 1x1 convolutions matrix products, a 
 over gathered patches, and inference blocks fused into one kernel; on GPU/TPU (``"xla"``) XLA's
 own convolutions run. Every path computes the same result from the same parameters.
 
+The floor of the model station: may import nothing of kfor1 but the shared root modules.
+
 Modules of this package, in the order they build on each other:
 
 - ``padding``: the implementation choice, TensorFlow-style padding, shared window arithmetic;

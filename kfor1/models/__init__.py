@@ -4,6 +4,9 @@ Every model is a ``flax.linen`` module with readable parameter paths (``stem/con
 ``blocks_3/depthwise/conv/kernel``, ``head/logits/kernel``), named in a registry that also
 holds its preprocessing; a user's own Flax model joins the registry with ``register``.
 
+Station 2 of the data's order (config -> data -> **model + weights** -> patch -> ...), over
+``kfor1.layers``. May import ``kfor1.layers`` and the shared root modules only.
+
 Example:
   >>> kfor1.models.available_models()[:3]
   ['efficientnet_lite0', 'efficientnet_lite1', 'efficientnet_lite2']

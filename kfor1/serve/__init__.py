@@ -3,7 +3,13 @@
 (``kfor1.serve.export``).
 
 Modules, in the order they build on each other: ``table`` (the patch table: patches stacked on
-a slot axis, hot-swapped without recompiling), ``server`` (the compiled mixed-task call).
+a slot axis, hot-swapped without recompiling), ``server`` (the compiled mixed-task call),
+``requests`` (``kfor1 predict``'s task=image requests), ``predict`` (a plain base's top-k
+ImageNet predictions for image files).
+
+The last station of the data's order (config -> data -> model -> patch -> multi-task state and
+step -> files -> **serving**). May import: ``kfor1.files``, ``kfor1.multitask``, ``kfor1.patch``,
+``kfor1.models`` and the shared root modules. Never the trainer.
 """
 
 from kfor1.serve.server import PatchServer, Predictions, Served, UnknownTaskError, serve_fn

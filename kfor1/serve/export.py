@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from kfor1.errors import UserError
-from kfor1.files import atomic_write
+from kfor1.files.atomic import atomic_write
 from kfor1.serve.server import PatchServer, serve_fn
 from kfor1.serve.table import PatchTable
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from kfor1.errors import UserError, one_line
+from kfor1.files.patchfile import load_base_for, load_patch
 from kfor1.images import read_images
-from kfor1.patchfile import load_base_for, load_patch
 from kfor1.serve.server import PatchServer
 
 

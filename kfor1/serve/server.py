@@ -29,12 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kfor1.basefile import fingerprint
+from kfor1.files.basefile import fingerprint
+from kfor1.files.patchcheck import validate
+from kfor1.files.patchfile import Patch, check_base, load_patch, make_patch
 from kfor1.microbatch import MicroBatch, map_micro_batches
 from kfor1.models import Preprocessing, Pretrained
-from kfor1.multitask import MultiTaskState
-from kfor1.patchcheck import validate
-from kfor1.patchfile import Patch, check_base, load_patch, make_patch
+from kfor1.multitask.state import MultiTaskState
 from kfor1.serve.table import (
     PatchTable,
     PatchTableError,

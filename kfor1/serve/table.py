@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfor1.errors import UserError
-from kfor1.spec import head_module, is_patch, partition, stats_labels
+from kfor1.patch.spec import head_module, is_patch, partition, stats_labels
 from kfor1.tree import flatten, leaf_name, module_path
 
 

@@ -1,7 +1,7 @@
 """The task axis of a K-task state: tasks grouped by resolution, and one task's forward pass.
 
 A ``MultiTaskState`` stacks each task's patch and BatchNorm statistics on a leading axis of
-size K and stores the shared parameters once. The steps (``kfor1.step``) split its flat
+size K and stores the shared parameters once. The steps (``kfor1.multitask.step``) split its flat
 parameters into those two parts (``Split``), ``vmap`` a single task's forward pass
 (``task_forward``) over the stacked part, and run tasks whose inputs differ in resolution as
 separate groups of the same compiled step (``resolution_groups``, ``group_batches``); ``take``
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfor1.microbatch import MicroBatch, map_micro_batches
-from kfor1.multitask import Layout, MultiTaskState
+from kfor1.multitask.state import Layout, MultiTaskState
 from kfor1.tree import flatten, unflatten
 
 Batch = Mapping[str, jax.Array]

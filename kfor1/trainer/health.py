@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kfor1.checkpoint import Checkpointer
 from kfor1.errors import TrainingError
-from kfor1.experiment import Setup
+from kfor1.trainer.checkpoint import Checkpointer
+from kfor1.trainer.experiment import Setup
 
 # A loss this many times its first value (or above DIVERGED_LOSS) is divergence, not noise.
 DIVERGENCE_FACTOR = 100.0

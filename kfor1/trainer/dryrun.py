@@ -1,7 +1,7 @@
 """``kfor1 train --dry-run``: a config checked on a laptop before it runs on an accelerator host.
 
-It does what ``kfor1.experiment.setup`` does up to the first expensive step, from shapes alone:
-checks the config's values, builds the model (no weights are read: ``jax.eval_shape``), the
+It does what ``kfor1.trainer.experiment.setup`` does up to the first expensive step, from shapes
+alone: checks the config's values, builds the model (no weights are read: ``jax.eval_shape``), the
 partition and the optimiser, and says where the weights would come from and, per task, whether
 its data is there (listed, not decoded). What only the target host can have — its devices, its
 prepared datasets — is reported, not fatal: the report ends with the problems found.
@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from kfor1 import data as kdata
-from kfor1.experiment import build_mesh, check_values, model_kwargs
 from kfor1.models import create, get_entry, packaged_weights_path
-from kfor1.optim import build_optimizer
-from kfor1.report import report
-from kfor1.spec import partition
+from kfor1.patch.optim import build_optimizer
+from kfor1.patch.report import report
+from kfor1.patch.spec import partition
 from kfor1.table import format_table
+from kfor1.trainer.experiment import build_mesh, check_values, model_kwargs
 
 
 def _weights(config: ml_collections.ConfigDict) -> str:

@@ -17,8 +17,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from kfor1.errors import USER_ERRORS, one_line, quiet_library_logs
-from kfor1.flags import parse_train_args
 from kfor1.table import format_table
+from kfor1.trainer.flags import parse_train_args
 
 # --- train -----------------------------------------------------------------------------------
 
@@ -42,17 +42,17 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
 def _run_train(argv: Sequence[str]) -> int:
     from absl import logging
 
-    from kfor1.train import train
+    from kfor1.trainer.loop import train
 
     config, workdir, stop_at_step, dry, help_config = parse_train_args(argv)
     if help_config:
-        from kfor1.config_help import describe_config
+        from kfor1.trainer.config_help import describe_config
 
         print(describe_config(config))
         return 0
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO.
     if dry:
-        from kfor1.dryrun import dry_run
+        from kfor1.trainer.dryrun import dry_run
 
         text, problems = dry_run(config)
         print(text)
@@ -87,9 +87,9 @@ def _add_sweep(parser: argparse.ArgumentParser) -> None:
 def _run_sweep(argv: Sequence[str]) -> int:
     from absl import logging
 
-    from kfor1.config import ConfigError
-    from kfor1.flags import parse_config_args
-    from kfor1.sweep import DEFAULT_PATCHES, sweep
+    from kfor1.trainer.config import ConfigError
+    from kfor1.trainer.flags import parse_config_args
+    from kfor1.trainer.sweep import DEFAULT_PATCHES, sweep
 
     config, v = parse_config_args(argv, "sweep", SWEEP_EXAMPLE,
                                   strings=("workdir", "patches", "lrs"),
@@ -105,7 +105,7 @@ def _run_sweep(argv: Sequence[str]) -> int:
 
 
 def format_summary(summary: dict) -> str:
-    """A run's summary (``kfor1.metrics.summary``) as a table, one row per task."""
+    """A run's summary (``kfor1.trainer.metrics.summary``) as a table, one row per task."""
     rows = [(name, t["num_classes"], f"{t['patch_parameters']:,}",
              f"{t['patch_file_bytes'] / 1024:.1f} KiB",
              f"{100 * t.get('accuracy', t.get('val_accuracy', 0.0)):.2f}%")
@@ -123,7 +123,7 @@ def _add_workdir(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from kfor1.workdir import evaluate_workdir
+    from kfor1.trainer.workdir import evaluate_workdir
 
     results = evaluate_workdir(args.workdir, args.step)
     rows = [(name, f"{100 * r['accuracy']:.2f}%", f"{r['loss']:.4f}", r["examples"])
@@ -154,7 +154,7 @@ def _run_export(args: argparse.Namespace) -> int:
     if not args.workdir:
         raise ValueError("kfor1 export needs --workdir (or --format savedmodel/tflite with "
                          "--patch DIR ...)")
-    from kfor1.workdir import Workdir, export_workdir, load_config
+    from kfor1.trainer.workdir import Workdir, export_workdir, load_config
 
     for name, path in export_workdir(args.workdir, args.out, args.step).items():
         print(f"{name}: {path}")
@@ -175,7 +175,7 @@ def _export_served(args: argparse.Namespace) -> int:
     if not patches:
         if not args.workdir:
             raise ValueError(f"--format {args.format} needs --patch DIR ... or --workdir")
-        from kfor1.workdir import Workdir
+        from kfor1.trainer.workdir import Workdir
 
         root = Workdir(args.workdir).patches
         if not os.path.isdir(root):
@@ -236,7 +236,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.base or args.requests:
         raise ValueError("--base and --requests need --patch: they are for tasks' patches")
     from kfor1.models import load_pretrained
-    from kfor1.predict import top_k
+    from kfor1.serve.predict import top_k
 
     pretrained = load_pretrained(args.model or "efficientnet_lite0", args.weights)
     k = _check_top_k(args.top_k, len(pretrained.class_names), pretrained.name)
@@ -272,7 +272,7 @@ def _predict_tasks(args: argparse.Namespace) -> int:
 def _print_results(args: argparse.Namespace, results: list[dict], tagged: bool) -> int:
     """Prints the predictions (a table, or ``--json``); images that could not be read are
     reported on stderr, one line each, after the others are printed (exit status 2)."""
-    from kfor1.predict import format_results
+    from kfor1.serve.predict import format_results
 
     text = json.dumps(results, indent=2) if args.json else format_results(results, tagged)
     if text:
@@ -300,8 +300,8 @@ def _add_params(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_params(args: argparse.Namespace) -> int:
-    from kfor1.report import model_report
-    from kfor1.spec import PatchSpec
+    from kfor1.patch.report import model_report
+    from kfor1.patch.spec import PatchSpec
 
     spec = PatchSpec.from_text(args.patch)
     print(model_report(args.model, spec, args.num_classes, args.head, args.all))
@@ -357,11 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line and returns the exit status (0 ok, 2 for usage or input errors)."""
-    from kfor1.compile_cache import enable_compilation_cache
     from kfor1.cpu import keep_freed_memory
+    from kfor1.trainer.compile_cache import enable_compilation_cache
 
     keep_freed_memory()  # This process is ours: see kfor1/cpu.py.
-    enable_compilation_cache()  # Each step compiles once per machine: kfor1/compile_cache.py.
+    # Each step compiles once per machine: kfor1/trainer/compile_cache.py.
+    enable_compilation_cache()
     quiet_library_logs()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -380,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # A full disk is the user's to fix; other OS errors keep tracebacks.
-        from kfor1.files import is_disk_full
+        from kfor1.files.atomic import is_disk_full
 
         if not is_disk_full(exc):
             raise

@@ -3,7 +3,7 @@
 ``train`` reads top-down in the data's order: the setup (base, data, spec, optimiser, mesh), the
 state (resumed from the latest checkpoint if there is one), the compiled step, the loop with
 its metrics and checkpoints, then the final evaluation, the patch files and the summary. The
-workdir's layout is in ``kfor1.workdir``.
+workdir's layout is in ``kfor1.trainer.workdir``.
 
 Runs resume from the latest checkpoint: the data stream, the per-step random keys and the
 learning-rate schedule are all functions of the step, so a resumed run ends where an
@@ -24,21 +24,21 @@ import ml_collections
 import numpy as np
 
 from kfor1 import data as kdata
-from kfor1 import distributed
-from kfor1.adabn import reestimate_stats
-from kfor1.checkpoint import Checkpointer
 from kfor1.errors import TrainingError
-from kfor1.evaluate import evaluate, group_batches
-from kfor1.experiment import Setup, setup
-from kfor1.files import DiskFullError
-from kfor1.health import Guard, Interrupted, stop_signals
-from kfor1.metrics import MetricsLog, eval_scalars, summary, train_scalars
-from kfor1.multitask import task_variables
-from kfor1.patchfile import describe, load_patch, start_from_patch
-from kfor1.report import report
-from kfor1.step import make_eval_step, make_train_step
-from kfor1.task_axis import resolution_groups
-from kfor1.workdir import Workdir, export_patches, locked, save_run
+from kfor1.files.atomic import DiskFullError
+from kfor1.files.patchfile import describe, load_patch, start_from_patch
+from kfor1.multitask.state import task_variables
+from kfor1.multitask.step import make_eval_step, make_train_step
+from kfor1.multitask.task_axis import resolution_groups
+from kfor1.patch.report import report
+from kfor1.trainer import distributed
+from kfor1.trainer.adabn import reestimate_stats
+from kfor1.trainer.checkpoint import Checkpointer
+from kfor1.trainer.evaluate import evaluate, group_batches
+from kfor1.trainer.experiment import Setup, setup
+from kfor1.trainer.health import Guard, Interrupted, stop_signals
+from kfor1.trainer.metrics import MetricsLog, eval_scalars, summary, train_scalars
+from kfor1.trainer.workdir import Workdir, export_patches, locked, save_run
 
 __all__ = ["TrainingError", "train"]
 

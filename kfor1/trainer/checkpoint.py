@@ -30,8 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from kfor1.errors import UserError
-from kfor1.files import DiskFullError, atomic_write, check_free_space, is_disk_full
-from kfor1.multitask import MultiTaskState
+from kfor1.files.atomic import DiskFullError, atomic_write, check_free_space, is_disk_full
+from kfor1.multitask.state import MultiTaskState
 from kfor1.tree import flatten
 
 DIGEST_KEY = "kfor1_sha256"

@@ -4,7 +4,7 @@ Every patch of a list trains at the same budget (the config's steps, batch and s
 each learning-rate setting of a small grid; the setting of each patch is chosen on the
 **validation** split, and only the chosen runs are then evaluated on the test split, once, at
 the end: no run of a sweep opens the test split while the sweep is still choosing
-(``config.evaluate_test=False``, ``kfor1.experiment``).
+(``config.evaluate_test=False``, ``kfor1.trainer.experiment``).
 
 A grid point scales every patch group's learning rate together (``x0.33``: a third of each
 group's configured rate, so BatchNorm's scale/bias keeps its larger rate than the classifier's),
@@ -13,7 +13,7 @@ or sets them all to one value (``0.001``). The default grid, ``auto``, is ``x0.3
 Workdir layout::
 
     sweep_config.json   what the sweep is (patches, grid, the base config): a rerun must match
-    runs/<patch>@<lr>/  one kfor1 run directory per (patch, grid point) (kfor1.workdir)
+    runs/<patch>@<lr>/  one kfor1 run directory per (patch, grid point) (kfor1.trainer.workdir)
     runs/<...>/test.json  the test results of a chosen run
     sweep.json          every run: patch, learning rates, parameters, bytes, accuracies, time
     sweep.md, sweep.png  the table with the recommendation, and accuracy against parameters
@@ -38,12 +38,12 @@ import ml_collections
 
 from kfor1.data import parse_validation
 from kfor1.errors import UserError
-from kfor1.experiment import check_values
-from kfor1.files import atomic_write
-from kfor1.spec import STATS_ONLY, PatchSpec, PatchSpecError
-from kfor1.sweep_report import pareto_front, plot, recommendation, write_markdown
-from kfor1.train import train
-from kfor1.workdir import SUMMARY_FILE, Workdir, evaluate_workdir, locked
+from kfor1.files.atomic import atomic_write
+from kfor1.patch.spec import STATS_ONLY, PatchSpec, PatchSpecError
+from kfor1.trainer.experiment import check_values
+from kfor1.trainer.loop import train
+from kfor1.trainer.sweep_report import pareto_front, plot, recommendation, write_markdown
+from kfor1.trainer.workdir import SUMMARY_FILE, Workdir, evaluate_workdir, locked
 
 AUTO_GRID = ("x0.33", "x1", "x3")
 DEFAULT_PATCHES = ("logits", "input_stats+logits", "stats+logits", "bias+logits",

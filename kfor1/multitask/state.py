@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kfor1.spec import head_module, is_patch, stats_labels
+from kfor1.patch.spec import head_module, is_patch, stats_labels
 from kfor1.tree import flatten, unflatten
 
 
@@ -248,7 +248,7 @@ def init_multitask(
         layout=layout,
     )
     if mesh is not None:
-        from kfor1.sharding import shard_state
+        from kfor1.multitask.sharding import shard_state
 
         state = shard_state(state, mesh)
     if optimizer is not None:

@@ -1,7 +1,7 @@
 """What each config field means: ``kfor1 train --config FILE --help-config`` prints the table.
 
-The meanings are the comments beside and above each field in ``kfor1.config.base_config``, read
-from its source, so the help and the defaults cannot drift apart: a field added there with a
+The meanings are the comments beside and above each field in ``kfor1.trainer.config.base_config``,
+read from its source, so the help and the defaults cannot drift apart: a field added there with a
 comment is documented here. A nested field (``learning_rate.logits``, ``augment.crop``) shares
 its parent's comment.
 """
@@ -29,8 +29,7 @@ def field_comments() -> dict[str, str]:
       >>> field_comments()["batch_size"]
       'Per task and step.'
     """
-    from kfor1 import config
-
+    from kfor1.trainer import config
     source = inspect.getsource(config.base_config)
     lines = source.splitlines()
     inline: dict[int, str] = {}
@@ -83,7 +82,7 @@ def describe_config(config: Any, width: int = 100) -> str:
       ``field = value`` lines, each group's meaning indented under it, then how to set a field.
 
     Example:
-      >>> print(describe_config(kfor1.config.base_config()))
+      >>> print(describe_config(kfor1.trainer.config.base_config()))
       augment.crop = 'random_resized'
       ...
     """

@@ -10,8 +10,8 @@ evaluation transform, so the statistics are those of the images the patch will b
 on) through the network in training mode and pools each layer's batch statistics exactly:
 the mean of the batch means and, for the variance, ``E[x^2] - E[x]^2`` over all images. The
 head is then trained on these features with BatchNorm in inference mode, so nothing it sees
-changes under it (``kfor1.step.make_train_step``). With ``scale_bias`` the pass is a warm start:
-the statistics then follow the trained scales during training.
+changes under it (``kfor1.multitask.step.make_train_step``). With ``scale_bias`` the pass is a warm
+start: the statistics then follow the trained scales during training.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfor1 import data as kdata
-from kfor1.evaluate import group_batches
-from kfor1.experiment import Setup
-from kfor1.multitask import MultiTaskState
-from kfor1.step import make_stats_step
-from kfor1.task_axis import resolution_groups
+from kfor1.multitask.state import MultiTaskState
+from kfor1.multitask.step import make_stats_step
+from kfor1.multitask.task_axis import resolution_groups
+from kfor1.trainer.evaluate import group_batches
+from kfor1.trainer.experiment import Setup
 from kfor1.tree import flatten, leaf_name, unflatten
 
 

@@ -41,13 +41,13 @@ def parse_config_args(
     False when not given; a dash in a flag is also spelled as an underscore). ``required`` is
     the error when ``--config`` is missing.
 
-    Raises ``kfor1.config.ConfigError`` for an unknown or unparsable flag, a config file that
-    fails to load, or an unknown config field.
+    Raises ``kfor1.trainer.config.ConfigError`` for an unknown or unparsable flag, a config file
+    that fails to load, or an unknown config field.
     """
     from absl import flags
     from ml_collections import config_flags
 
-    from kfor1.config import ConfigError
+    from kfor1.trainer.config import ConfigError
 
     def spelled(arg: str) -> str:
         name, sep, rest = arg.partition("=")
@@ -81,12 +81,12 @@ def parse_train_args(argv: Sequence[str]) -> tuple[Any, str | None, int | None, 
     """``(config, workdir, stop_at_step, dry_run, help_config)`` from ``kfor1 train``'s
     arguments (absl flags; ``--dry-run`` is also spelled ``--dry_run``, ``--help-config``
     ``--help_config``). ``--help-config`` alone, without ``--config``, gives the defaults of
-    ``kfor1.config.base_config``.
+    ``kfor1.trainer.config.base_config``.
 
-    Raises ``kfor1.config.ConfigError`` for a missing, unknown or unparsable flag, a config
+    Raises ``kfor1.trainer.config.ConfigError`` for a missing, unknown or unparsable flag, a config
     file that fails to load, or an unknown config field.
     """
-    from kfor1.config import ConfigError, base_config
+    from kfor1.trainer.config import ConfigError, base_config
 
     if {"--help-config", "--help_config"} & set(argv) and not any(
             a == "--config" or a.startswith("--config=") for a in argv):

@@ -4,7 +4,7 @@ data, the parsed patch spec and its labels, the optimiser and the device mesh.
 ``setup`` checks every config value that can be checked before anything loads, then loads the
 base and the data, so a mistake costs seconds, not a training run. The trainer, ``kfor1 eval``
 and ``kfor1 export`` all start here; the latter two with ``train=False``, which never opens a
-task's train split (its classes come from the run's ``tasks.json``, see ``kfor1.workdir``).
+task's train split (its classes come from the run's ``tasks.json``, see ``kfor1.trainer.workdir``).
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ import ml_collections
 import optax
 
 from kfor1 import data as kdata
-from kfor1.config import ConfigError
 from kfor1.microbatch import TaskChunk
 from kfor1.models import Pretrained, get_entry, load_pretrained
 from kfor1.models.registry import MIN_RESOLUTION
-from kfor1.multitask import MultiTaskState, Task, init_multitask
-from kfor1.optim import build_optimizer
-from kfor1.sharding import make_mesh
-from kfor1.spec import PatchSpec, partition
+from kfor1.multitask.sharding import make_mesh
+from kfor1.multitask.state import MultiTaskState, Task, init_multitask
+from kfor1.patch.optim import build_optimizer
+from kfor1.patch.spec import PatchSpec, partition
+from kfor1.trainer.config import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,7 +229,7 @@ def setup(
     builds the optimiser.
 
     Args:
-      config: a config from ``kfor1.config`` (``configs/*.py``).
+      config: a config from ``kfor1.trainer.config`` (``configs/*.py``).
       train: False for an eval-only setup: the train splits are not opened.
       class_names: per task (in ``config.tasks`` order), the classes of a trained run; each
         source must still have exactly those (an eval-only setup of a folder source needs them,

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import optax
 
-from kfor1.spec import SHARED
+from kfor1.patch.spec import SHARED
 
 SCHEDULES = ("cosine", "constant", "onecycle")
 OPTIMIZERS = ("adamw", "adam", "sgd")

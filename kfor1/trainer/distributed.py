@@ -6,15 +6,15 @@ hosts without a scheduler) each process is told the coordinator, the number of p
 its own index, by ``config.cluster`` or JAX's ``JAX_COORDINATOR_ADDRESS`` variable. CPU
 processes exchange collectives through Gloo.
 
-It must run before anything touches a JAX device, which is why ``kfor1.train`` calls it first.
-"""
+It must run before anything touches a JAX device, which is why ``kfor1.trainer.loop`` calls it
+first. """
 
 from __future__ import annotations
 
 import jax
 import ml_collections
 
-from kfor1.config import ConfigError
+from kfor1.trainer.config import ConfigError
 
 __all__ = ["initialize"]
 
@@ -51,7 +51,7 @@ def initialize(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(
                 "config.distributed=True needs a process in which JAX has not run yet (it "
                 "joins the other processes before any device is used): start training in a "
-                "new process (kfor1 train), or call kfor1.distributed.initialize(config) "
+                "new process (kfor1 train), or call kfor1.trainer.distributed.initialize(config) "
                 "before anything else touches JAX") from None
         if not any(text in str(e) for text in _MISSING):
             raise

@@ -18,15 +18,21 @@ import flax.serialization
 import jax
 import numpy as np
 
-from kfor1.basefile import fingerprint, load_base_dir, patch_leaves
-from kfor1.files import atomic_write
-from kfor1.multitask import MultiTaskState, task_variables
-from kfor1.patchcheck import INTEGRITY_KEY, PatchFileError, content_hash, validate, verify_hash
-from kfor1.spec import PatchSpec
+from kfor1.files.atomic import atomic_write
+from kfor1.files.basefile import fingerprint, load_base_dir, patch_leaves
+from kfor1.files.patchcheck import (
+    INTEGRITY_KEY,
+    PatchFileError,
+    content_hash,
+    validate,
+    verify_hash,
+)
+from kfor1.multitask.state import MultiTaskState, task_variables
+from kfor1.patch.spec import PatchSpec
 from kfor1.tree import flatten, unflatten
 
 FORMAT = "kfor1-patch"
-# 2: a content hash over arrays and metadata (``kfor1.patchcheck``), and the head's path.
+# 2: a content hash over arrays and metadata (``kfor1.files.patchcheck``), and the head's path.
 FORMAT_VERSION = 2
 WEIGHTS_FILE = "patch.msgpack"
 META_FILE = "patch.json"
@@ -66,7 +72,7 @@ def task_meta(
         the pip-packaged weights) and that file's name.
       dataset: the task's data source.
       trained_base: for a run that trained its backbone, the path of its exported base
-        relative to the patch directory (``kfor1.basefile``); None: the pretrained base.
+        relative to the patch directory (``kfor1.files.basefile``); None: the pretrained base.
     """
     base = {"model": model, "weights": weights or "packaged", "source": os.path.basename(source)}
     if trained_base is not None:

@@ -13,8 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from kfor1.files import atomic_write
-from kfor1.report import PatchReport
+from kfor1.files.atomic import atomic_write
+from kfor1.patch.report import PatchReport
 
 
 class MetricsLog:
@@ -91,7 +91,8 @@ def eval_scalars(
     results: Mapping[str, Mapping[str, float]], split: str = "test"
 ) -> dict[str, float]:
     """``eval/accuracy/<task>`` (the test split) or ``val/accuracy/<task>`` (the validation
-    split) of ``kfor1.evaluate.evaluate``'s results: the key says which split it comes from."""
+    split) of ``kfor1.trainer.evaluate.evaluate``'s results: the key says which split it comes
+    from."""
     prefix = "eval" if split == "test" else "val"
     return {f"{prefix}/accuracy/{name}": r["accuracy"] for name, r in results.items()}
 
@@ -105,7 +106,7 @@ def summary(
     validation_fraction: float | str = 0.0,
 ) -> dict[str, Any]:
     """The run's ``summary.json``: per task its eval results, class count and patch file
-    (``kfor1.patchfile.describe``), the images it left out per split (``skipped_images``:
+    (``kfor1.files.patchfile.describe``), the images it left out per split (``skipped_images``:
     ``{"train": {"count", "files"}}``, ``config.skip_bad_images``), and totals;
     ``task_report`` is of the first task's model (its head, not ImageNet's). ``accuracy`` is
     on the test split; with a ``validation`` split, ``val_accuracy`` and ``val_loss`` too, and

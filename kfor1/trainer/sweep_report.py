@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kfor1.files import atomic_write
+from kfor1.files.atomic import atomic_write
 from kfor1.table import markdown_table
 
 Row = Mapping[str, Any]

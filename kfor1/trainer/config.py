@@ -44,9 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = "efficientnet_lite0"  # A registered model, or a factory "package.module:name".
     c.weights = ""  # '' = the pip-packaged ImageNet checkpoint.
-    c.patch = "scale_bias+logits"  # Presets joined by "+" (kfor1.spec.PRESETS).
+    c.patch = "scale_bias+logits"  # Presets joined by "+" (kfor1.patch.spec.PRESETS).
     # Ordered (regex, label) rules over parameter paths, e.g. [("head/.*", "patch:logits"),
-    # (".*", "shared")]; when given they replace `patch` (see kfor1.spec.PatchSpec).
+    # (".*", "shared")]; when given they replace `patch` (see kfor1.patch.spec.PatchSpec).
     c.patch_rules = []
     c.head = ""  # '' = the last Dense layer.
     c.train_shared = False  # True: the backbone is trained jointly on the sum of task losses.
@@ -73,7 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
     # split (kfor1 sweep's runs: the test split is read once, for the chosen runs, at the end).
     c.evaluate_test = True
     # The `stats` (AdaBN) and `input_stats` patches estimate each task's BatchNorm statistics on
-    # up to this many of its training images (un-augmented), once, before training (kfor1.adabn).
+    # up to this many of its training images (un-augmented), once, before training
+    # (kfor1.trainer.adabn).
     c.stats_images = 2048
 
     c.batch_size = 32  # Per task and step.
@@ -110,7 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress = True  # A progress bar with ETA on the terminal.
 
     c.mesh = ml_collections.ConfigDict({"tasks": 1, "data": 0})  # data 0: remaining devices.
-    c.distributed = False  # True: join a multi-process run (see kfor1.distributed).
+    c.distributed = False  # True: join a multi-process run (see kfor1.trainer.distributed).
     # Where a scheduler does not say (several processes on one machine, bare hosts): process
     # 0's HOST:PORT, the number of processes and this one's index.
     c.cluster = ml_collections.ConfigDict(

@@ -21,8 +21,8 @@ import numpy as np
 import optax
 
 from kfor1.microbatch import MicroBatch, TaskChunk, map_task_chunks, resolve_task_chunk
-from kfor1.multitask import MultiTaskState
-from kfor1.task_axis import (
+from kfor1.multitask.state import MultiTaskState
+from kfor1.multitask.task_axis import (
     MASKED_LOGIT,
     Split,
     group_batches,
@@ -239,7 +239,8 @@ def make_stats_step(
     """Builds the jitted pass that measures each task's BatchNorm statistics (the ``stats`` patch).
 
     The network runs in training mode (each layer normalised by its batch's statistics) with no
-    gradient; ``kfor1.adabn`` averages the result over batches. Any BatchNorm with Flax's update
+    gradient; ``kfor1.trainer.adabn`` averages the result over batches. Any BatchNorm with Flax's
+    update
     ``new = m * old + (1 - m) * batch`` works, whatever its momentum ``m``: the step applies the
     model from statistics of 0 and of 1, which gives ``(1 - m) * batch`` and ``m``.
 

@@ -10,8 +10,8 @@ exported once per run, beside the patches::
     base/base.json      format, model name and fields, preprocessing, the fingerprint the
                         run's patches record, the patch leaves it excludes, where it started
 
-The fingerprint is the one ``kfor1.patchfile`` checks (SHA-256 over every leaf a patch does not
-replace), so a patch applies to its run's base and is refused on any other. Files are written
+The fingerprint is the one ``kfor1.files.patchfile`` checks (SHA-256 over every leaf a patch does
+not replace), so a patch applies to its run's base and is refused on any other. Files are written
 atomically (``atomic_write``): an interrupted export never leaves a half-written file.
 """
 
@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kfor1.errors import UserError
-from kfor1.files import atomic_write
-from kfor1.multitask import MultiTaskState, task_variables
+from kfor1.files.atomic import atomic_write
+from kfor1.multitask.state import MultiTaskState, task_variables
 from kfor1.tree import flatten, unflatten
 
 FORMAT = "kfor1-base"
@@ -105,7 +105,7 @@ def export_base(
       The fingerprint (a SHA-256 hex string) that the run's patches record.
 
     Example:
-      >>> fp = kfor1.export_base(variables, model, kfor1.basefile.patch_leaves(state),
+      >>> fp = kfor1.export_base(variables, model, kfor1.files.basefile.patch_leaves(state),
       ...                        "runs/mtl/base", {"model": "efficientnet_lite0",
       ...                                          "preprocessing": preprocessing.to_dict()})
       >>> kfor1.load_base_dir("runs/mtl/base").name

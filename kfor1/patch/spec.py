@@ -157,7 +157,7 @@ class PatchSpec:
     def estimates_stats(self) -> bool:
         """True with ``stats`` or ``input_stats``: statistics the patch owns without owning
         their layer's scale and bias, so they are estimated on the task's images before
-        training (``kfor1.adabn``) rather than followed during it."""
+        training (``kfor1.trainer.adabn``) rather than followed during it."""
         return bool(set(STATS_ONLY) & set(self.presets))
 
     def describe(self) -> str | list[list[str]]:
@@ -334,7 +334,7 @@ def input_batchnorm(params: Mapping[str, Any], batch_stats: Mapping[str, Any]) -
       PatchSpecError: no such convolution, several, or no BatchNorm beside it.
 
     Example:
-      >>> kfor1.spec.input_batchnorm(base.variables["params"], base.variables["batch_stats"])
+      >>> kfor1.patch.spec.input_batchnorm(base.variables["params"], base.variables["batch_stats"])
       'stem/bn'
     """
     flat = flatten(params)

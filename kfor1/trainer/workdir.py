@@ -8,9 +8,9 @@ Layout::
     metrics.jsonl          step, per-task train loss/accuracy, eval accuracy, learning rates, img/s
     events.out.tfevents.*  the same scalars for TensorBoard
     checkpoints/<step>/    orbax checkpoints (resumed automatically, a bounded number kept)
-    patches/<task>/        one patch file per task (see kfor1.patchfile)
+    patches/<task>/        one patch file per task (see kfor1.files.patchfile)
     base/                  train_shared runs only: the trained base the patches apply to
-                           (see kfor1.basefile)
+                           (see kfor1.files.basefile)
     summary.json           per task: eval accuracy, patch parameters, patch bytes; totals
     lock                   held by the run training in it (its PID and host): one run at a time
 
@@ -34,14 +34,14 @@ from collections.abc import Iterator
 import jax
 import ml_collections
 
-from kfor1.basefile import export_base, patch_leaves, trained_base
-from kfor1.checkpoint import Checkpointer
 from kfor1.errors import UserError
-from kfor1.evaluate import Results, evaluate
-from kfor1.experiment import Setup, setup
-from kfor1.files import atomic_write
-from kfor1.multitask import MultiTaskState
-from kfor1.patchfile import export_patch, task_meta
+from kfor1.files.atomic import atomic_write
+from kfor1.files.basefile import export_base, patch_leaves, trained_base
+from kfor1.files.patchfile import export_patch, task_meta
+from kfor1.multitask.state import MultiTaskState
+from kfor1.trainer.checkpoint import Checkpointer
+from kfor1.trainer.evaluate import Results, evaluate
+from kfor1.trainer.experiment import Setup, setup
 
 CONFIG_FILE = "config.json"
 TASKS_FILE = "tasks.json"

@@ -14,11 +14,11 @@ import jax
 import numpy as np
 
 from kfor1 import data as kdata
-from kfor1.experiment import Setup
-from kfor1.multitask import MultiTaskState
-from kfor1.sharding import shard_batch
-from kfor1.step import make_eval_step
-from kfor1.task_axis import resolution_groups
+from kfor1.multitask.sharding import shard_batch
+from kfor1.multitask.state import MultiTaskState
+from kfor1.multitask.step import make_eval_step
+from kfor1.multitask.task_axis import resolution_groups
+from kfor1.trainer.experiment import Setup
 
 Results = dict[str, dict[str, float]]
 
