@@ -33,7 +33,7 @@ class PatchReport:
       patch_stat_parameters: the BatchNorm statistics each task holds beside its patch.
 
     Example:
-      >>> r = kfor1.patch.report(base.variables, labels, "scale_bias+logits")
+      >>> r = kfor1.report(base.variables, labels, "scale_bias+logits")
       >>> r.patch_fraction  # p, the patch's share of the model
       >>> r.cost_of_tasks(10)  # ten tasks, in models: (1 - p) + 10 p
       >>> print(r)  # the table
@@ -91,7 +91,7 @@ def report(variables: dict[str, Any], labels: dict[str, Any], spec: Any = None) 
     Example:
       >>> base = kfor1.load_pretrained("efficientnet_lite0")
       >>> labels = kfor1.partition(base.variables, "scale_bias+logits", groups=True)
-      >>> print(kfor1.patch.report(base.variables, labels, "scale_bias+logits"))
+      >>> print(kfor1.report(base.variables, labels, "scale_bias+logits"))
     """
     params = flatten(variables.get("params", variables))
     flat_labels = flatten(labels)
