@@ -30,7 +30,7 @@ test: lint
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/conv_impl.py
+	$(PY) -m benchmarks.suite.conv_impl
 
 # The API reference (pdoc, from the docstrings) into docs/api/; any pdoc warning fails it.
 docs: $(VENV)/.installed

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # kfor1 on a GPU machine, in under 8 minutes on one H200 (issue 15, "Accelerators"):
-#   1. benchmarks/device_check.py: JAX runs on the accelerator, the CPU-only paths are off, a
+#   1. benchmarks/device/check.py: JAX runs on the accelerator, the CPU-only paths are off, a
 #      K-task step equals K single-task steps (1e-5);
-#   2. benchmarks/suite.py against PyTorch CUDA (channels_last; AMP off and on: float32, then
+#   2. benchmarks/suite/grid.py against PyTorch CUDA (channels_last; AMP off and on: float32, then
 #      bfloat16 compute with float32 parameters on both sides), at 224 px, batch 32 and 128, on
 #      EfficientNet-Lite0 and MobileNetV2 1.0.
 # Run from the repository root: bash benchmarks/device_check.sh [OUTDIR]. Results (logs and
@@ -27,7 +27,7 @@ stage() {  # stage NAME SECONDS COMMAND...: runs it with a limit, its output in 
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 \
   | tee "$out/nvidia-smi.log"
-stage device_check 120 "$python" -m benchmarks.device_check --json "$out/device_check.json"
+stage device_check 120 "$python" -m benchmarks.device.check --json "$out/device_check.json"
 grid=(--model efficientnet_lite0,mobilenet_v2 --resolution 224 --repeats 7 --pause 0.1)
 stage suite_fp32 200 "$python" -m benchmarks.suite "${grid[@]}" --batch 32,128 \
   --precision float32 --only patch_step,inference,full_step,k_tasks,flops --ks 1,2,4,8 \

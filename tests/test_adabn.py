@@ -210,7 +210,7 @@ def test_an_input_stats_run_estimates_the_input_statistics_and_nothing_else(tmp_
 def low_contrast_digits(tmp_path_factory):
     """scikit-learn's digits at 5% of their contrast (grey 128 +- 6), as PNGs in an ImageFolder:
     colour statistics far from ImageNet's, as under-exposed or washed-out scans are."""
-    from benchmarks.results import faded_digits
+    from benchmarks.results.document import faded_digits
 
     root = tmp_path_factory.mktemp("faded") / "low_contrast_digits"
     return faded_digits(root, 0.05)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -12,15 +12,13 @@ import numpy as np
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# The scripts run as modules from the repository root (``python -m benchmarks.suite``).
+if str(BENCHMARKS.parent) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS.parent))
 
 
 def test_conv_impl_tiny(tmp_path, capsys):
-    script = load_script("conv_impl")
+    script = importlib.import_module("benchmarks.suite.conv_impl")
     out_json = tmp_path / "results.json"
     assert script.main(["--tiny", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
@@ -36,13 +34,10 @@ def test_conv_impl_tiny(tmp_path, capsys):
 
 
 def test_suite_tiny(tmp_path, capsys):
-    """Every section of ``benchmarks/suite.py`` runs (32 px, batch 2, K=1,2, one repetition,
+    """Every section of ``benchmarks/suite/grid.py`` runs (32 px, batch 2, K=1,2, one repetition,
     unoptimised XLA), and its PyTorch reference computes kfor1's network: exact mode matches
     kfor1's logits on the real packaged weights, the fast (symmetric padding) mode does not."""
-    # Imported as the package module (not load_script): its dataclasses need it in sys.modules.
-    if str(BENCHMARKS.parent) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS.parent))
-    suite = importlib.import_module("benchmarks.suite")
+    suite = importlib.import_module("benchmarks.suite.grid")
     out_json = tmp_path / "suite.json"
     assert suite.main(["--tiny", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
@@ -74,9 +69,7 @@ def test_suite_tiny_grid_on_the_papers_base(tmp_path, capfd):
     network (padding inside the convolutions is its exact definition) computes kfor1's on the
     packaged ImageNet checkpoint; both precisions train and infer, each cell in a process of its
     own; the summary has a row per cell."""
-    if str(BENCHMARKS.parent) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS.parent))
-    suite = importlib.import_module("benchmarks.suite")
+    suite = importlib.import_module("benchmarks.suite.grid")
     out_json = tmp_path / "suite.json"
     assert suite.main(["--tiny", "--model", "mobilenet_v2", "--precision", "float32,bfloat16",
                        "--only", "patch_step,inference", "--json", str(out_json)]) == 0
@@ -97,9 +90,7 @@ def test_suite_tiny_grid_on_the_papers_base(tmp_path, capfd):
 
 
 def test_suite_refuses_bad_grids(capsys):
-    if str(BENCHMARKS.parent) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS.parent))
-    suite = importlib.import_module("benchmarks.suite")
+    suite = importlib.import_module("benchmarks.suite.grid")
     for argv, message in ((["--model", "resnet"], "--model"), (["--precision", "fp8"], "fp8"),
                           (["--ks", "2,4"], "--ks must start with 1"),
                           (["--batch", "0"], "must be positive")):
@@ -113,11 +104,9 @@ def test_suite_refuses_bad_grids(capsys):
 
 
 def test_serve_benchmark_tiny(tmp_path, capsys):
-    """``benchmarks/serve.py --tiny``: the mixed-task call, the single-task model, K models run
-    per group, table memory and ``add``, for K = 1 and 4 (its numbers mean nothing)."""
-    if str(BENCHMARKS.parent) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS.parent))
-    serve = importlib.import_module("benchmarks.serve")
+    """``python -m benchmarks.serving --tiny``: the mixed-task call, the single-task model, K
+    models run per group, table memory and ``add``, for K = 1 and 4 (its numbers mean nothing)."""
+    serve = importlib.import_module("benchmarks.serving.mixed_batch")
     out_json = tmp_path / "serve.json"
     assert serve.main(["--tiny", "--specs", "scale_bias+logits", "--json", str(out_json)]) == 0
     rows = json.loads(out_json.read_text())["rows"]
@@ -133,7 +122,7 @@ def test_fault_matrix_counts_and_its_checks(tmp_path):
     """The fault matrix's bookkeeping (its runs take ~15 minutes, so they are not run here;
     the table they print is in benchmarks/README.md): what counts as a clean error, and the
     totals it prints."""
-    script = load_script("fault_matrix")
+    script = importlib.import_module("benchmarks.faults.matrix")
     assert script.one_line_error(2, "error: SIGTERM received: stopped after step 5\n")
     assert script.one_line_error(2, "note: took it over\nerror: something\n")
     assert not script.one_line_error(1, "error: x\n")
@@ -163,7 +152,7 @@ def test_fault_matrix_counts_and_its_checks(tmp_path):
 
 
 def test_device_check_on_the_cpu(tmp_path, capsys):
-    """``benchmarks/device_check.py`` (the GPU script's first stage) refuses the CPU unless
+    """``benchmarks/device/check.py`` (the GPU script's first stage) refuses the CPU unless
     told, and with ``--allow-cpu`` runs its checks here: the CPU-only paths are on (as expected
     on a CPU), the compiled steps call kfor1's CPU kernels, and a K = 3 step with three class
     counts equals three single-task steps.
@@ -173,9 +162,7 @@ def test_device_check_on_the_cpu(tmp_path, capsys):
     left depends on the processor (3.9e-6 on one machine, 1.3e-5 on another). Tasks that mixed
     (a wrong slice, a shared statistic) would differ by orders of magnitude more.
     """
-    if str(BENCHMARKS.parent) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS.parent))
-    check = importlib.import_module("benchmarks.device_check")
+    check = importlib.import_module("benchmarks.device.check")
     assert check.main([]) == 2
     assert "this check is for a GPU or TPU" in capsys.readouterr().err
     out_json = tmp_path / "check.json"
@@ -190,11 +177,9 @@ def test_device_check_on_the_cpu(tmp_path, capsys):
 
 
 def test_end_to_end_tiny(tmp_path, capsys):
-    """``benchmarks/end_to_end.py --tiny``: the trainer on digits, its step and its input
+    """``benchmarks/suite/end_to_end.py --tiny``: the trainer on digits, its step and its input
     pipeline alone, and the table with their ratio (its numbers mean nothing)."""
-    if str(BENCHMARKS.parent) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS.parent))
-    e2e = importlib.import_module("benchmarks.end_to_end")
+    e2e = importlib.import_module("benchmarks.suite.end_to_end")
     out_json = tmp_path / "e2e.json"
     assert e2e.main(["--tiny", "--cache", "--json", str(out_json)]) == 0
     [row] = json.loads(out_json.read_text())
@@ -206,11 +191,9 @@ def test_end_to_end_tiny(tmp_path, capsys):
 
 
 def test_profile_tiny(tmp_path, capsys):
-    """``benchmarks/profile.py --tiny``: every path's ops are found in the profiler's trace and
+    """``benchmarks/profiles/hlo.py --tiny``: every path's ops are found in the profiler's trace and
     sorted into kinds (its numbers mean nothing)."""
-    if str(BENCHMARKS.parent) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS.parent))
-    profile = importlib.import_module("benchmarks.profile")
+    profile = importlib.import_module("benchmarks.profiles.hlo")
     out_json = tmp_path / "profile.json"
     assert profile.main(["--tiny", "--json", str(out_json)]) == 0
     results = json.loads(out_json.read_text())["results"]
@@ -230,9 +213,7 @@ def test_profile_tiny(tmp_path, capsys):
 
 def test_profile_sorts_torch_ops():
     """PyTorch's ops go to the kinds of kfor1's HLO; a depthwise kernel is (C, 1, k, k)."""
-    if str(BENCHMARKS.parent) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS.parent))
-    kind = importlib.import_module("benchmarks.profile_torch").torch_kind
+    kind = importlib.import_module("benchmarks.profiles.torch_ops").torch_kind
     depthwise, pointwise = [[8, 96, 64, 64], [96, 1, 3, 3]], [[8, 16, 64, 64], [96, 16, 1, 1]]
     assert kind("aten::mkldnn_convolution", depthwise) == "depthwise"
     assert kind("aten::convolution_backward", [[8, 96, 64, 64], *depthwise]) == "depthwise"
@@ -247,9 +228,7 @@ def test_profile_sorts_torch_ops():
 
 
 def test_profile_classifies_hlo():
-    if str(BENCHMARKS.parent) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS.parent))
-    profile = importlib.import_module("benchmarks.profile")
+    profile = importlib.import_module("benchmarks.profiles.hlo")
     hlo = "\n".join([
         "%fused_add (p: f32[8]) -> f32[8] {",
         "  %p = f32[8]{0} parameter(0)",
@@ -287,15 +266,13 @@ def test_profile_classifies_hlo():
 
 
 def _adabn_layers():
-    """``benchmarks.adabn_layers`` as a package module (it imports ``benchmarks.jsonfile``)."""
-    if str(BENCHMARKS.parent) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS.parent))
-    return importlib.import_module("benchmarks.adabn_layers")
+    """``benchmarks.results.adabn_layers``, imported as a package module."""
+    return importlib.import_module("benchmarks.results.adabn_layers")
 
 
 def test_adabn_layers_tiny(tmp_path, capsys):
-    """``benchmarks/adabn_layers.py --tiny``: statistics re-estimated for chosen layers, each
-    probed (its numbers mean nothing at this size); every layer's statistics are the pooled
+    """``benchmarks.results.adabn_layers --tiny``: statistics re-estimated for chosen layers,
+    each probed (its numbers mean nothing at this size); every layer's statistics are the pooled
     moments, so the all-layers variant differs from ImageNet's."""
     layers = _adabn_layers()
     out_json = tmp_path / "adabn.json"

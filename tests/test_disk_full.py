@@ -15,8 +15,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 
-from kfor1.files.atomic import DiskFullError, check_free_space, is_disk_full
 from kfor1.files import atomic as files
+from kfor1.files.atomic import DiskFullError, check_free_space, is_disk_full
 from kfor1.trainer.checkpoint import Checkpointer
 
 REPO = Path(__file__).resolve().parents[1]

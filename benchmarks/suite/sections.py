@@ -1,6 +1,6 @@
 """The suite's sections: each measures one claim in one cell and returns (results, markdown).
 
-``SECTION_FUNCTIONS`` maps a section's name to its title and function; ``benchmarks/suite.py``
+``SECTION_FUNCTIONS`` maps a section's name to its title and function; ``benchmarks/suite/grid.py``
 runs them over the grid.
 """
 
@@ -21,7 +21,7 @@ import optax
 import torch
 
 import kfor1
-from benchmarks.suite_bench import (
+from benchmarks.suite.bench import (
     LEARNING_RATE,
     PATCH,
     WEIGHT_DECAY,

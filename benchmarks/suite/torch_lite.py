@@ -1,6 +1,6 @@
 """EfficientNet-Lite in PyTorch, lukemelas EfficientNet-PyTorch style: the reference network that
 kfor1's Flax EfficientNet-Lite is tested against (``tests/test_model_equivalence.py``) and
-benchmarked against (``benchmarks/suite.py``).
+benchmarked against (``benchmarks/suite/grid.py``).
 
 It is written from the original definitions, not from kfor1: the block table is decoded from
 TensorFlow's ``efficientnet_lite_builder.py`` block strings, and the module and parameter names

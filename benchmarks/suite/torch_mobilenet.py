@@ -1,6 +1,6 @@
 """MobileNetV2 in PyTorch, as torchvision defines it: the reference network that kfor1's Flax
 MobileNetV2 (torchvision flavour) is tested against (``tests/test_model_equivalence.py``) and
-benchmarked against (``benchmarks/suite.py --model mobilenet_v2``).
+benchmarked against (``benchmarks/suite/grid.py --model mobilenet_v2``).
 
 Written from torchvision's ``mobilenetv2.py`` (module and parameter names included, so
 torchvision's checkpoint ``mobilenet_v2-b0353104.pth`` loads strictly), without importing

@@ -24,8 +24,8 @@ then the suite against PyTorch CUDA).
 Prints one line per check and ``device check: passed`` (exit 0) or the failures (exit 1);
 ``--json`` writes the numbers.
 
-    python -m benchmarks.device_check --json device_check.json
-    python -m benchmarks.device_check --allow-cpu --resolution 64   # on a CPU, for the tests
+    python -m benchmarks.device.check --json device_check.json
+    python -m benchmarks.device.check --allow-cpu --resolution 64   # on a CPU, for the tests
 """
 
 from __future__ import annotations
@@ -35,24 +35,19 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-import kfor1  # noqa: E402
-from benchmarks.jsonfile import write_json  # noqa: E402
-from kfor1.layers import native  # noqa: E402
-from kfor1.layers.padding import resolve_impl  # noqa: E402
-from kfor1.microbatch import resolve_micro_batch, resolve_task_chunk  # noqa: E402
-from kfor1.tree import flatten  # noqa: E402
+import kfor1
+from benchmarks.common import write_json
+from kfor1.layers import native
+from kfor1.layers.padding import resolve_impl
+from kfor1.microbatch import resolve_micro_batch, resolve_task_chunk
+from kfor1.tree import flatten
 
 STEPS = 1  # See the docstring (3.): one step compares the gradients.
 SPECS = ("scale_bias+logits", "depthwise+scale_bias+logits")

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-CIFAR = REPO.parent / "shared" / "data" / "cifar10"
+from benchmarks.common import ROOT, SHARED_DATA
+
+CIFAR = SHARED_DATA / "cifar10"
 VEHICLES = ("airplane", "automobile", "ship", "truck")
 ANIMALS = ("bird", "cat", "deer", "dog", "frog", "horse")
 
@@ -319,8 +320,8 @@ def claims(t: dict, m: dict, r: dict, st: dict) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(REPO / "docs" / "results.md"))
-    parser.add_argument("--workdir", default=str(REPO / "runs" / "results"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
+    parser.add_argument("--workdir", default=str(ROOT / "runs" / "results"))
     parser.add_argument("--tiny", action="store_true", help="tiny sizes: checks the script")
     parser.add_argument("--cifar", default=str(CIFAR), help="the CIFAR-10 ImageFolder copy")
     args = parser.parse_args(argv)

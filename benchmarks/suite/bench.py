@@ -3,7 +3,7 @@ built from them once per cell of the grid, and the alternating timer (``measure`
 
 A *cell* is one (model, resolution, batch, precision) point; ``Bench`` holds its pretrained
 variables, random images and every compiled kfor1 function and PyTorch module, built on first
-use and shared by the sections (``benchmarks/suite_sections.py``).
+use and shared by the sections (``benchmarks/suite/sections.py``).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import optax
 import torch
 
 import kfor1
-from benchmarks import torch_lite, torch_mobilenet
-from benchmarks.conv_impl import time_steps, warm_up
+from benchmarks.common import time_steps, tiny_compiler_options, warm_up
+from benchmarks.suite import torch_lite, torch_mobilenet
 from kfor1.cpu import release_freed_memory
 from kfor1.microbatch import MicroBatch, map_micro_batches, resolve_micro_batch
 from kfor1.models import packaged_weights_path
@@ -86,7 +86,7 @@ class Workload:
     steps: int
     compile_s: float | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-    compiled: Any = None  # kfor1's executable (its HLO: benchmarks/profile.py), not reported.
+    compiled: Any = None  # kfor1's executable (its HLO: benchmarks/profiles/hlo.py), not reported.
 
 
 def measure(
@@ -200,7 +200,7 @@ class Bench:
         self.device = torch_device(args.torch_device)
         self.bf16 = args.precision == "bfloat16"
         # --tiny only checks the code: skip LLVM optimisation, which is most of the compile time.
-        self.compiler_options = {"xla_backend_optimization_level": 0} if args.tiny else None
+        self.compiler_options = tiny_compiler_options(args.tiny)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "head re-initialised": a 10-class task.
             self.pretrained = kfor1.load_pretrained(args.model, num_classes=args.classes)

@@ -17,9 +17,9 @@ The target (issue 15): trainer images/s >= 0.9 x step alone, i.e. the input pipe
 the bottleneck. On a CPU the pipeline's threads share the cores with XLA's, so "input alone"
 bounds what it could produce, not what it leaves the step.
 
-    python -m benchmarks.end_to_end --data ../shared/data/cifar10 --resolution 128,224
-    python -m benchmarks.end_to_end --resolution 128,224 --cache   # and from the decoded cache
-    python -m benchmarks.end_to_end --tiny      # digits at 32 px, 4 steps: only checks it runs
+    python -m benchmarks.suite.end_to_end --data ../shared/data/cifar10 --resolution 128,224
+    python -m benchmarks.suite.end_to_end --resolution 128,224 --cache  # from the decoded cache too
+    python -m benchmarks.suite.end_to_end --tiny   # digits at 32 px, 4 steps: checks it runs
 """
 
 from __future__ import annotations
@@ -35,21 +35,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import jax
 
-import jax  # noqa: E402
-
-from benchmarks.jsonfile import write_json  # noqa: E402
-from configs import transfer  # noqa: E402
-from kfor1.cpu import keep_freed_memory  # noqa: E402
-from kfor1.multitask.step import make_train_step  # noqa: E402
-from kfor1.multitask.task_axis import resolution_groups  # noqa: E402
-from kfor1.trainer.evaluate import group_batches  # noqa: E402
-from kfor1.trainer.experiment import setup  # noqa: E402
-from kfor1.trainer.loop import _train_iterators, train  # noqa: E402
-from kfor1.trainer.workdir import Workdir  # noqa: E402
+from benchmarks.common import SHARED_DATA, write_json
+from configs import transfer
+from kfor1.cpu import keep_freed_memory
+from kfor1.multitask.step import make_train_step
+from kfor1.multitask.task_axis import resolution_groups
+from kfor1.trainer.evaluate import group_batches
+from kfor1.trainer.experiment import setup
+from kfor1.trainer.loop import _train_iterators, train
+from kfor1.trainer.workdir import Workdir
 
 TARGET = 0.9
 
@@ -127,7 +123,7 @@ def cached_input(config: Any, steps: int) -> dict[str, float]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"),
+    parser.add_argument("--data", default=str(SHARED_DATA / "cifar10"),
                         help="an ImageFolder directory (train/ and test/)")
     parser.add_argument("--resolution", default="128,224")
     parser.add_argument("--model", default="efficientnet_lite0")

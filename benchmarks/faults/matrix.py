@@ -1,6 +1,6 @@
 """Faults thrown at ``kfor1 train`` (``python -m launch.train``), and what became of each run.
 
-    python benchmarks/fault_matrix.py [--cases kill9,sigint,...] [--steps 12] [--json OUT]
+    python -m benchmarks.faults [--cases kill9,sigint,...] [--steps 12] [--json OUT]
 
 Every case trains the same small run (EfficientNet-Lite0 at 32 px on scikit-learn's digits, one
 process, one CPU device), throws one fault at it, then does what a user would: reruns the same
@@ -32,7 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import ROOT, write_json
+
 CASES = ("kill9_random_step", "kill9_random_step_2", "kill9_random_step_3",
          "kill9_during_checkpoint_write", "sigint", "sigterm", "nan_at_step",
          "checkpoint_bytes_flipped", "checkpoint_file_truncated", "patch_bytes_flipped")
@@ -76,7 +77,7 @@ def env() -> dict[str, str]:
 
 
 def run(cmd: list[str], extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, env={**env(), **(extra or {})}, capture_output=True,
+    return subprocess.run(cmd, cwd=ROOT, env={**env(), **(extra or {})}, capture_output=True,
                           text=True, timeout=1200)
 
 
@@ -88,7 +89,7 @@ def logged_steps(workdir: Path) -> int:
 def run_until(cmd: list[str], ready, sig: int, timeout: float = 900) -> tuple[int, str, bool]:
     """Starts ``cmd``, sends ``sig`` once ``ready()`` is true; (exit status, stderr, sent)."""
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                                 stderr=err, text=True)
         sent, start = False, time.time()
         while proc.poll() is None and time.time() - start < timeout:
@@ -257,9 +258,7 @@ def main(argv: list[str] | None = None) -> int:
               f"lost={outcome['lost']!s:5s} {outcome['detail']}", flush=True)
     total = counts(outcomes)
     print("  ".join(f"{k}: {v}" for k, v in total.items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"outcomes": outcomes, "counts": total},
-                                              indent=2))
+    write_json(args.json, {"outcomes": outcomes, "counts": total})
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return 0 if total["silent results"] == 0 and total["files lost"] == 0 else 1

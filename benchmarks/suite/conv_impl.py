@@ -7,33 +7,32 @@ full training step (gradients of all parameters, BatchNorm in train mode, an SGD
 
 Run from the repository root::
 
-    python -m benchmarks.conv_impl --resolution 128 --batch 32 --json results.json
+    python -m benchmarks.suite.conv_impl --resolution 128 --batch 32 --json results.json
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-try:
-    import kfor1  # noqa: F401
-except ModuleNotFoundError:  # Run as ``python benchmarks/conv_impl.py`` from a checkout.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from kfor1.models import create  # noqa: E402
+from benchmarks.common import (
+    machine,
+    machine_line,
+    time_steps,
+    tiny_compiler_options,
+    warm_up,
+    write_json,
+)
+from kfor1.models import create
 
 IMPLS = ("xla", "fast_cpu")
 WORKLOADS = ("inference", "train step")
@@ -118,26 +117,6 @@ def make_functions(
     }
 
 
-def warm_up(run: Callable[[], Any], update: Callable[[Any], None], warmup: int) -> float:
-    """Runs the untimed steps; returns the seconds of the first (compiling) call."""
-    start = time.perf_counter()
-    update(jax.block_until_ready(run()))
-    first_call_s = time.perf_counter() - start
-    for _ in range(warmup - 1):
-        update(jax.block_until_ready(run()))
-    return first_call_s
-
-
-def time_steps(run: Callable[[], Any], update: Callable[[Any], None], steps: int) -> float:
-    """Mean seconds per step over ``steps`` back-to-back steps (dispatch overlaps compute)."""
-    start = time.perf_counter()
-    for _ in range(steps):
-        result = run()
-        update(result)
-    jax.block_until_ready(result)
-    return (time.perf_counter() - start) / steps
-
-
 def benchmark(
     model: str, resolution: int, batch: int, steps: int, warmup: int, repeats: int,
     compiler_options: dict[str, Any] | None = None,
@@ -149,9 +128,7 @@ def benchmark(
     """
     results: dict[str, Any] = {
         "model": model, "resolution": resolution, "batch": batch, "steps": steps,
-        "warmup": warmup, "repeats": repeats, "device": str(jax.devices()[0]),
-        "platform": jax.devices()[0].platform, "cpu_count": os.cpu_count(),
-        "jax_version": jax.__version__, "python": platform.python_version(),
+        "warmup": warmup, "repeats": repeats, **machine(),
         "compiler_options": compiler_options or {}, "timings": {},
         # Other processes on the machine skew CPU timings; the load average shows if they ran.
         "load_average_before": os.getloadavg(),
@@ -222,17 +199,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark, prints the device and a markdown table, optionally writes JSON."""
     args = parse_args(argv)
-    print(f"device: {jax.devices()[0]} ({jax.devices()[0].platform}), {os.cpu_count()} CPU "
-          f"cores, jax {jax.__version__}", flush=True)
-    # --tiny only checks the code: skip LLVM optimisation, which is most of the compile time.
-    options = {"xla_backend_optimization_level": 0} if args.tiny else None
+    print(machine_line(), flush=True)
     results = benchmark(args.model, args.resolution, args.batch, args.steps, args.warmup,
-                        args.repeats, options)
+                        args.repeats, tiny_compiler_options(args.tiny))
     print(markdown_table(results))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
+    write_json(args.json, results)
     return 0
 
 

@@ -17,10 +17,10 @@ mixture of ImageNet's and the task's statistics in every layer (the moments of t
 Data: scikit-learn's digits, or CIFAR-10 (colour or grayscale) from an ImageFolder directory;
 ``--contrast C`` maps every pixel value x to ``128 + C (x - 128)`` (C = 0.05: a washed-out scan).
 
-    python -m benchmarks.adabn_layers --data digits --resolution 32
-    python -m benchmarks.adabn_layers --data digits --resolution 32 --contrast 0.05
-    python -m benchmarks.adabn_layers --data cifar-gray --resolution 64
-    python -m benchmarks.adabn_layers --tiny     # 200 digits, two variants: checks that it runs
+    python -m benchmarks.results.adabn_layers --data digits --resolution 32
+    python -m benchmarks.results.adabn_layers --data digits --resolution 32 --contrast 0.05
+    python -m benchmarks.results.adabn_layers --data cifar-gray --resolution 64
+    python -m benchmarks.results.adabn_layers --tiny   # 200 digits, two variants: checks it runs
 """
 
 from __future__ import annotations
@@ -29,24 +29,20 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax import lax  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
-import kfor1  # noqa: E402
-from benchmarks.jsonfile import write_json  # noqa: E402
-from kfor1.layers.norm import BatchNorm as KBatchNorm  # noqa: E402
-from kfor1.tree import flatten, unflatten  # noqa: E402
+import kfor1
+from benchmarks.common import SHARED_DATA, write_json
+from kfor1.layers.norm import BatchNorm as KBatchNorm
+from kfor1.tree import flatten, unflatten
 
 # weight(index of the BN layer in call order, its path) -> share of the task's statistics.
 Weight = Callable[[int, str], float]
@@ -181,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", choices=("digits", "cifar", "cifar-gray"), default="digits")
     parser.add_argument("--contrast", type=float, default=1.0,
                         help="pixel values x become 128 + C (x - 128) (default 1: unchanged)")
-    parser.add_argument("--cifar", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
+    parser.add_argument("--cifar", default=str(SHARED_DATA / "cifar10"))
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--per-class", type=int, default=0,
                         help="training images per class (0: all digits, 150 CIFAR)")

@@ -1,4 +1,4 @@
-"""Where PyTorch's time goes, in the kinds of ``benchmarks/profile.py``, for a side-by-side.
+"""Where PyTorch's time goes, in the kinds of ``benchmarks/profiles/hlo.py``, for a side-by-side.
 
 A ratio of images/s says that kfor1 is slower or faster than PyTorch; it does not say where.
 This profiles the suite's PyTorch workloads (the same network, weights, batch and the fastest
@@ -77,14 +77,14 @@ def profile_torch_path(
 
     Args:
       name: the path's name (``inference``, ``patch step``, ``full step``).
-      workload: a ``benchmarks.suite_bench.Workload`` of PyTorch (``Bench.torch_train`` or
+      workload: a ``benchmarks.suite.bench.Workload`` of PyTorch (``Bench.torch_train`` or
         ``Bench.torch_infer``).
       steps: steps profiled, after two warm ones.
-      kinds: every kind to report, zero where none was seen (``benchmarks.profile.KINDS``).
+      kinds: every kind to report, zero where none was seen (``benchmarks.profiles.hlo.KINDS``).
 
     Returns:
       ``{"path", "op_us_per_step", "by_kind_us", "top_ops", "ops_seen"}`` as
-      ``benchmarks.profile.profile_path`` returns for kfor1.
+      ``benchmarks.profiles.hlo.profile_path`` returns for kfor1.
     """
     for _ in range(2):
         workload.update(workload.run())
