@@ -32,28 +32,24 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = ROOT / "docs" / "api"
 
-# What pdoc is given. It adds the submodules whose names a package's ``__all__`` lists (and warns
-# when a module is given twice): ``kfor1`` brings kfor1.layers (with kfor1.layers.native and
-# kfor1.layers.norm), kfor1.microbatch, kfor1.models and kfor1.patch.report (``report`` is also a
-# function's name); a package that lists none (kfor1.data, kfor1.serve) is one page.
+# What pdoc is given, one station of the data's order after another. A package without
+# ``__all__`` brings every submodule (kfor1.patch brings spec, report and optim; kfor1.trainer
+# each of its modules); a package with one brings the submodules it names (``kfor1`` brings
+# kfor1.layers, with kfor1.layers.native and kfor1.layers.norm, kfor1.microbatch and
+# kfor1.models), and pdoc warns when a module is given twice; kfor1.data and kfor1.serve name
+# none, so their submodules with a page of their own are listed here.
 MODULES = (
     "kfor1",
-    "kfor1.trainer.adabn",
-    "kfor1.files.basefile",
-    "kfor1.trainer.config",
+    "kfor1.errors",
+    "kfor1.images",
     "kfor1.data",
     "kfor1.data.cache",
-    "kfor1.errors",
-    "kfor1.multitask.state",
-    "kfor1.patch.optim",
-    "kfor1.files.patchfile",
+    "kfor1.patch",
+    "kfor1.multitask",
+    "kfor1.files",
     "kfor1.serve",
     "kfor1.serve.export",
-    "kfor1.multitask.sharding",
-    "kfor1.patch.spec",
-    "kfor1.multitask.step",
-    "kfor1.trainer.sweep",
-    "kfor1.trainer.loop",
+    "kfor1.trainer",
 )
 LOGGERS = ("pdoc", "markdown")
 

@@ -4,4 +4,5 @@ import sys
 
 from benchmarks.results.document import main
 
+sys.argv[0] = "python -m benchmarks.results"  # argparse's prog, not __main__.py.
 sys.exit(main())

@@ -4,4 +4,5 @@ import sys
 
 from benchmarks.serving.mixed_batch import main
 
+sys.argv[0] = "python -m benchmarks.serving"  # argparse's prog, not __main__.py.
 sys.exit(main())
