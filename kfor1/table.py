@@ -9,6 +9,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+def printable(text: object) -> str:
+    """``str(text)`` safe to print: characters a terminal would act on (a newline, an ANSI
+    escape, a carriage return) shown escaped, as ``\\n`` or ``\\x1b``. Class and task names
+    come from files others wrote; printed raw, one could forge or hide lines.
+
+    Example::
+
+      >>> printable("red\\x1b[2Jcar")
+      'red\\\\x1b[2Jcar'
+    """
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def format_table(
     header: Sequence[str], rows: Sequence[Sequence[object]], left: int = 1, indent: str = ""
 ) -> str:
@@ -30,7 +47,7 @@ def format_table(
       ------  --------
       digits    98.06%
     """
-    cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
+    cells = [[printable(c) for c in header], *[[printable(c) for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
 
     def line(row: Sequence[str]) -> str:

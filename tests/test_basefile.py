@@ -119,7 +119,7 @@ def test_a_changed_or_missing_base_file_is_refused(shared_run, tmp_path):
     with pytest.raises(BaseFileError, match="changed after export"):
         load_base_dir(base)
     (base / "base.json").write_text("{not json")
-    with pytest.raises(BaseFileError, match="base.json is corrupt"):
+    with pytest.raises(BaseFileError, match="base.json is not valid JSON"):
         load_base_dir(base)
     (base / "base.json").unlink()
     with pytest.raises(BaseFileError, match="base.json is missing"):

@@ -153,11 +153,14 @@ def test_a_newer_format_version_says_upgrade(patch_dir):
         load_patch(patch_dir)
 
 
-def test_a_version_1_patch_without_a_hash_still_loads(patch_dir):
+def test_a_version_1_patch_without_a_hash_loads_only_unverified(patch_dir):
     def as_v1(meta):
         meta.update(format_version=1)
         meta.pop("content_sha256")
         meta.pop("head")
 
     _edit_json(patch_dir, as_v1)
-    assert load_patch(patch_dir).num_classes == 3
+    with pytest.raises(PatchFileError, match="has no content hash"):
+        load_patch(patch_dir)
+    with pytest.warns(UserWarning, match="loaded unverified"):
+        assert load_patch(patch_dir, allow_unverified=True).num_classes == 3

@@ -64,7 +64,10 @@ def test_module_factory_trains_exports_and_predicts_through_the_cli(tmp_path, ca
     assert sorted(flatten(patch.variables["params"])) == [
         "classifier/bias", "classifier/kernel", "features_dw_norm/bias", "features_dw_norm/scale",
         "features_norm/bias", "features_norm/scale"]
-    task = load_patched(workdir / "patches" / "colours")
+    # A factory the patch names is imported only when the user names it too (issue 31).
+    with pytest.raises(UnknownModelError, match="never imports code because a file names it"):
+        load_patched(workdir / "patches" / "colours")
+    task = load_patched(workdir / "patches" / "colours", model=FACTORY)
     assert type(task.model).__name__ == "UserNet" and task.model.num_classes == 3
     assert task.class_names == ("blue", "green", "red")
     image = tmp_path / "red.png"
@@ -72,10 +75,10 @@ def test_module_factory_trains_exports_and_predicts_through_the_cli(tmp_path, ca
 
     Image.fromarray(np.full((40, 40, 3), (200, 30, 30), np.uint8)).save(image)
     capsys.readouterr()
-    assert cli.main(["predict", "--patch", str(workdir / "patches" / "colours"), str(image)]) == 0
+    patch_args = ["predict", "--patch", str(workdir / "patches" / "colours"), "--model", FACTORY]
+    assert cli.main([*patch_args, str(image)]) == 0
     assert capsys.readouterr().out.splitlines()[0] == str(image)
-    assert cli.main(["predict", "--patch", str(workdir / "patches" / "colours"), "--top-k", "5",
-                     str(image)]) == 2
+    assert cli.main([*patch_args, "--top-k", "5", str(image)]) == 2
     assert "has only 3 classes; use --top-k 3 or less" in capsys.readouterr().err
 
 

@@ -32,6 +32,7 @@ from kfor1.errors import UserError
 from kfor1.files.atomic import atomic_write
 from kfor1.multitask.state import MultiTaskState, task_variables
 from kfor1.tree import flatten, unflatten
+from kfor1.untrusted import MAX_WEIGHTS_BYTES, read_bytes, read_json
 
 FORMAT = "kfor1-base"
 FORMAT_VERSION = 1
@@ -139,26 +140,37 @@ def read_base_meta(directory: str | os.PathLike) -> dict[str, Any]:
                 f"{directory} is not an exported kfor1 base: {os.path.basename(path)} is "
                 "missing; a train_shared run writes one as <workdir>/base (or `kfor1 export`)"
             )
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (ValueError, OSError) as e:
-        raise BaseFileError(f"{meta_path} is corrupt ({e}); re-export the run") from None
-    if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
+    meta = read_json(meta_path, f"base {directory}: {META_FILE}", inside=directory,
+                     error=BaseFileError)
+    if not isinstance(meta, dict):
+        raise BaseFileError(f"{meta_path} holds a {type(meta).__name__}, not a base's record")
+    version = meta.get("format_version", 0)
+    if meta.get("format") != FORMAT or not isinstance(version, int) or version > FORMAT_VERSION:
         raise BaseFileError(
-            f"{directory} has format {meta.get('format')!r} v{meta.get('format_version')}; this "
+            f"{directory} has format {meta.get('format')!r} v{version!r}; this "
             f"kfor1 reads {FORMAT!r} up to v{FORMAT_VERSION} — upgrade kfor1"
         )
+    leaves = meta.get("patch_leaves")
+    for key, ok in (("fingerprint", isinstance(meta.get("fingerprint"), str)),
+                    ("patch_leaves", isinstance(leaves, list)
+                     and all(isinstance(x, str) for x in leaves)),
+                    ("fields", isinstance(meta.get("fields", {}), dict)),
+                    ("preprocessing", isinstance(meta.get("preprocessing"), dict))):
+        if not ok:
+            raise BaseFileError(f"base {directory} is malformed: {META_FILE} {key} is missing "
+                                "or of the wrong type; re-export the run")
     return meta
 
 
-def load_base_dir(directory: str | os.PathLike) -> Any:
+def load_base_dir(directory: str | os.PathLike, model: str | None = None) -> Any:
     """An exported base as a ``kfor1.models.Pretrained``, its architecture rebuilt from the
     record, its shapes and fingerprint verified (a file changed since export is refused).
 
     Args:
       directory: an exported base (``base.msgpack`` and ``base.json``), e.g. a ``train_shared``
         run's ``<workdir>/base``.
+      model: the model ``base.json`` records, named by you: needed (and only then imported)
+        for a user model that is not registered in this process.
 
     Returns:
       A ``Pretrained`` with the trained backbone's variables and preprocessing.
@@ -169,24 +181,31 @@ def load_base_dir(directory: str | os.PathLike) -> Any:
     """
     from kfor1.models import Preprocessing, Pretrained, create, get_entry, imagenet_class_names
     from kfor1.models.convert import WeightMismatchError, check_shapes
+    from kfor1.models.registry import check_named_by_file
 
     directory = os.fspath(directory)
     meta = read_base_meta(directory)
+    name = check_named_by_file(meta.get("model"), f"base {directory} ({META_FILE} model)",
+                               named_by_user=model)
+    data = read_bytes(os.path.join(directory, WEIGHTS_FILE),
+                      f"base {directory}: {WEIGHTS_FILE}", max_bytes=MAX_WEIGHTS_BYTES,
+                      inside=directory, error=BaseFileError)
     try:
-        with open(os.path.join(directory, WEIGHTS_FILE), "rb") as f:
-            variables = flax.serialization.msgpack_restore(f.read())
-    except (ValueError, OSError) as e:
-        raise BaseFileError(f"{directory}/{WEIGHTS_FILE} is corrupt ({e}); re-export the run"
-                            ) from None
+        variables = flax.serialization.msgpack_restore(data)
+    except Exception as e:  # noqa: BLE001 - msgpack raises its own kinds, and RecursionError.
+        raise BaseFileError(f"{directory}/{WEIGHTS_FILE} is corrupt ({type(e).__name__}: "
+                            f"{str(e)[:200]}); re-export the run") from None
+    if not isinstance(variables, dict):
+        raise BaseFileError(f"{directory}/{WEIGHTS_FILE} holds no variables; re-export the run")
     found = fingerprint(variables, exclude=meta["patch_leaves"])
     if found != meta["fingerprint"]:
         raise BaseFileError(f"{directory}/{WEIGHTS_FILE} was changed after export (fingerprint "
                             f"{found[:12]}…, recorded {meta['fingerprint'][:12]}…); re-export it")
-    entry = get_entry(meta["model"])
+    entry = get_entry(name)
     fields = meta.get("fields", {})
     options = {k: v for k, v in fields.items() if k != "num_classes"
                and (not entry.user or entry.accepts(k))}
-    model = create(meta["model"], num_classes=fields.get("num_classes"), **options)
+    model = create(name, num_classes=fields.get("num_classes"), **options)
     preprocessing = Preprocessing.from_dict(meta["preprocessing"])
     size = preprocessing.resolution
     try:
@@ -198,4 +217,4 @@ def load_base_dir(directory: str | os.PathLike) -> Any:
     n = int(model.num_classes)
     class_names = imagenet_class_names() if n == 1000 else tuple(f"class_{i}" for i in range(n))
     variables = jax.tree.map(jnp.asarray, unflatten(flatten(variables)))
-    return Pretrained(meta["model"], model, variables, preprocessing, class_names, directory)
+    return Pretrained(name, model, variables, preprocessing, class_names, directory)

@@ -13,16 +13,25 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import flax.serialization
 import numpy as np
 
 from kfor1.errors import UserError
 from kfor1.models.registry import MIN_RESOLUTION
 from kfor1.tree import flatten
+from kfor1.untrusted import MAX_WEIGHTS_BYTES, check_name, read_bytes, read_json
 
 INTEGRITY_KEY = "content_sha256"
+FORMAT = "kfor1-patch"
+# 2: a content hash over arrays and metadata (``content_hash``), and the head's path.
+FORMAT_VERSION = 2
+WEIGHTS_FILE = "patch.msgpack"
+META_FILE = "patch.json"
 
 
 class PatchFileError(UserError, ValueError):
@@ -46,6 +55,54 @@ def verify_hash(directory: str, weights: bytes, meta: Mapping[str, Any]) -> None
             f"patch {directory} is corrupt: its content hash is {found[:12]}…, the file records "
             f"{str(expected)[:12]}… (changed after export); re-export it with `kfor1 export`"
         )
+
+
+def read_patch_dir(directory: str, allow_unverified: bool = False) -> tuple[dict, Any]:
+    """``patch.json`` and ``patch.msgpack`` of a patch directory, read as hostile input and
+    checked: bounded regular files inside the directory (``kfor1.untrusted``), its format, its
+    content hash, then its schema (``validate``). Returns ``(meta, variables)``.
+
+    A patch without a content hash (format v1, or its hash removed) cannot be told from an
+    edited one (rotated class names load and predict shifted labels), so it is refused unless
+    ``allow_unverified`` (then it loads with a warning).
+    """
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no such patch directory: {directory}")
+    meta_path, weights_path = (os.path.join(directory, n) for n in (META_FILE, WEIGHTS_FILE))
+    for path in (meta_path, weights_path):
+        if not os.path.lexists(path):
+            raise PatchFileError(f"{directory} is not a kfor1 patch: {os.path.basename(path)} "
+                                 "is missing; export one with `kfor1 export --workdir DIR`")
+    meta = read_json(meta_path, f"patch {directory}: {META_FILE}", inside=directory,
+                     error=PatchFileError)
+    weights = read_bytes(weights_path, f"patch {directory}: {WEIGHTS_FILE}",
+                         max_bytes=MAX_WEIGHTS_BYTES, inside=directory, error=PatchFileError)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise PatchFileError(f"{directory} is not a kfor1 patch (format {found!r}); export one "
+                             "with `kfor1 export --workdir DIR`")
+    version = meta.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise PatchFileError(f"{directory} has format {FORMAT!r} v{version}; this kfor1 reads "
+                             f"up to v{FORMAT_VERSION} — upgrade kfor1")
+    if INTEGRITY_KEY in meta:
+        verify_hash(directory, weights, meta)
+    elif not allow_unverified:
+        raise PatchFileError(
+            f"patch {directory} has no content hash (format v{version}, or its hash was "
+            "removed), so an edit cannot be told from the original; re-export it with "
+            "`kfor1 export`, or load it with --allow-unverified (allow_unverified=True) if you "
+            "trust where it came from")
+    else:
+        warnings.warn(f"patch {directory} has no content hash: loaded unverified, as asked",
+                      stacklevel=3)
+    try:
+        variables = flax.serialization.msgpack_restore(weights)
+    except Exception as e:  # noqa: BLE001 - msgpack raises its own kinds, and RecursionError.
+        raise PatchFileError(f"patch {directory} is corrupt ({type(e).__name__}: "
+                             f"{str(e)[:200]}); re-export it") from None
+    validate(directory, meta, variables)
+    return meta, variables
 
 
 def _fail(directory: str, what: str) -> None:
@@ -74,8 +131,7 @@ def validate(directory: str, meta: Any, variables: Any) -> None:
         _fail(directory, f"{len(names)} class names for {n} classes")
     if len(set(names)) != len(names):
         _fail(directory, "class_names has duplicates")
-    if not isinstance(meta.get("task"), str) or not meta["task"]:
-        _fail(directory, "task is not a name")
+    check_name(meta.get("task"), f"patch {directory}: its task", error=PatchFileError)
     base = meta.get("base")
     if not isinstance(base, dict) or not isinstance(base.get("model"), str):
         _fail(directory, "base is missing or names no model")

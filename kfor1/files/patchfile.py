@@ -21,21 +21,19 @@ import numpy as np
 from kfor1.files.atomic import atomic_write
 from kfor1.files.basefile import fingerprint, load_base_dir, patch_leaves
 from kfor1.files.patchcheck import (
+    FORMAT,
+    FORMAT_VERSION,
     INTEGRITY_KEY,
+    META_FILE,
+    WEIGHTS_FILE,
     PatchFileError,
     content_hash,
-    validate,
-    verify_hash,
+    read_patch_dir,
 )
 from kfor1.multitask.state import MultiTaskState, task_variables
 from kfor1.patch.spec import PatchSpec
 from kfor1.tree import flatten, unflatten
-
-FORMAT = "kfor1-patch"
-# 2: a content hash over arrays and metadata (``kfor1.files.patchcheck``), and the head's path.
-FORMAT_VERSION = 2
-WEIGHTS_FILE = "patch.msgpack"
-META_FILE = "patch.json"
+from kfor1.untrusted import read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +89,8 @@ def describe(directory: str | os.PathLike) -> dict[str, Any]:
     """What a written patch costs: its trainable parameters, the BN statistics that come with
     them, its bytes on disk and where it is."""
     directory = os.fspath(directory)
-    with open(os.path.join(directory, META_FILE), encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = read_json(os.path.join(directory, META_FILE), f"patch {directory}: {META_FILE}",
+                     inside=directory, error=PatchFileError)
     return {
         "patch_parameters": meta["patch_parameters"],
         "patch_statistics": meta["patch_statistics"],
@@ -165,12 +163,16 @@ def export_patch(
     return write_patch(make_patch(state, task, meta), directory)
 
 
-def load_patch(directory: str | os.PathLike) -> Patch:
-    """Reads a patch directory, verifying its content hash and its metadata (``patchcheck``):
-    a corrupt, edited or malformed patch is refused with what is wrong.
+def load_patch(directory: str | os.PathLike, allow_unverified: bool = False) -> Patch:
+    """Reads a patch directory as hostile input (``kfor1.files.patchcheck.read_patch_dir``):
+    bounded files inside it, its content hash verified, its metadata checked; a corrupt,
+    edited, unhashed or malformed patch is refused with what is wrong. Nothing it names is
+    imported or opened here.
 
     Args:
       directory: a patch directory (``patch.msgpack`` and ``patch.json``).
+      allow_unverified: load a patch that carries no content hash (older exports), with a
+        warning, instead of refusing it.
 
     Returns:
       A ``Patch``: ``variables`` holds only the patched leaves (the head (features, classes),
@@ -181,39 +183,7 @@ def load_patch(directory: str | os.PathLike) -> Patch:
       >>> patch.num_classes, patch.meta["task"]
       (10, 'digits')
     """
-    directory = os.fspath(directory)
-    meta_path = os.path.join(directory, META_FILE)
-    weights_path = os.path.join(directory, WEIGHTS_FILE)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no such patch directory: {directory}")
-    for path in (meta_path, weights_path):
-        if not os.path.exists(path):
-            raise PatchFileError(f"{directory} is not a kfor1 patch: {os.path.basename(path)} "
-                                 "is missing; export one with `kfor1 export --workdir DIR`")
-    try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        with open(weights_path, "rb") as f:
-            weights = f.read()
-    except (ValueError, OSError) as e:
-        raise PatchFileError(f"patch {directory} is corrupt ({e}); re-export it") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise PatchFileError(f"{directory} is not a kfor1 patch (format {found!r}); export one "
-                             "with `kfor1 export --workdir DIR`")
-    version = meta.get("format_version")
-    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
-        raise PatchFileError(
-            f"{directory} has format {FORMAT!r} v{version}; this kfor1 reads up to "
-            f"v{FORMAT_VERSION} — upgrade kfor1"
-        )
-    if isinstance(version, int) and version >= 2:
-        verify_hash(directory, weights, meta)
-    try:
-        variables = flax.serialization.msgpack_restore(weights)
-    except (ValueError, TypeError) as e:
-        raise PatchFileError(f"patch {directory} is corrupt ({e}); re-export it") from None
-    validate(directory, meta, variables)
+    meta, variables = read_patch_dir(os.fspath(directory), allow_unverified)
     return Patch(variables, meta)
 
 
@@ -320,17 +290,28 @@ def start_from_patch(
                          batch_stats=unflatten(tree["batch_stats"])), notes
 
 
+# Where a train_shared run's patches find its base: <run>/patches/<task>/ -> <run>/base/. The only
+# place a patch may point to; any other recorded path is refused rather than opened.
+TRAINED_BASE_DIR = os.path.join("..", "..", "base")
+
+
 def load_base_for(
     patch: Patch, directory: str | os.PathLike, weights: str | None = None,
-    base: str | os.PathLike | None = None,
+    base: str | os.PathLike | None = None, model: str | None = None,
 ) -> Any:
     """The base a patch (read from ``directory``) applies to, as a ``kfor1.models.Pretrained``:
     ``base`` (an exported base directory) if given; for a patch of a run that trained its
-    backbone, that run's exported base, found beside the patches; else the pretrained weights
-    it records (``weights`` overrides the file)."""
+    backbone, that run's exported base beside the patches (``<run>/base``); else the model it
+    records with kfor1's packaged weights, or ``weights``.
+
+    What the patch records is never taken on trust: its model must be kfor1's or registered,
+    unless the user names the same ``model`` (``kfor1.models.registry.check_named_by_file``),
+    and a weights file or base folder it records elsewhere is not opened: the user passes it.
+    """
     import warnings
 
     from kfor1.models import load_pretrained
+    from kfor1.models.registry import check_named_by_file
 
     base_meta = patch.meta.get("base", {})
     directory = os.fspath(directory)
@@ -340,23 +321,36 @@ def load_base_for(
                 f"patch {directory} was trained with its backbone: it needs its run's "
                 "exported base directory (base=, --base), not a weights file"
             )
-        base = os.path.normpath(os.path.join(directory, base_meta.get("dir", "")))
+        if os.path.normpath(str(base_meta.get("dir", ""))) != TRAINED_BASE_DIR:
+            raise PatchFileError(
+                f"patch {directory} (patch.json base.dir) points to {base_meta.get('dir')!r}, "
+                f"not its run's {TRAINED_BASE_DIR}; kfor1 opens no other folder a file names: "
+                "pass the run's base/ directory (base=, --base)")
+        base = os.path.normpath(os.path.join(directory, TRAINED_BASE_DIR))
         if not os.path.isdir(base):
             raise PatchFileError(
                 f"patch {directory} was trained with its backbone and its run's "
                 f"exported base is not at {base}; pass the run's base/ directory (base=, --base)"
             )
     if base is not None:
-        return load_base_dir(base)
-    path = weights or (None if base_meta.get("weights") in (None, "", "packaged")
-                       else base_meta["weights"])
+        return load_base_dir(base, model=model)
+    name = check_named_by_file(base_meta.get("model"), f"patch {directory} (patch.json "
+                               "base.model)", named_by_user=model)
+    recorded = base_meta.get("weights")
+    if weights is None and recorded not in (None, "", "packaged"):
+        raise PatchFileError(
+            f"patch {directory} was trained on the weights file {str(recorded)[:200]!r}, not "
+            "kfor1's packaged weights; kfor1 opens no path a file names: pass that file "
+            "yourself (--weights FILE, weights=)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # The base's head is replaced by the patch's.
-        return load_pretrained(base_meta["model"], path=path)
+        return load_pretrained(name, path=weights)
 
 
 def load_patched(
-    directory: str | os.PathLike, weights: str | None = None, base: str | os.PathLike | None = None
+    directory: str | os.PathLike, weights: str | None = None,
+    base: str | os.PathLike | None = None, *, model: str | None = None,
+    allow_unverified: bool = False,
 ) -> Any:
     """The task model a patch describes, ready for inference (a ``kfor1.models.Pretrained``).
 
@@ -368,6 +362,9 @@ def load_patched(
       directory: the patch directory.
       weights: a weights file for the base instead of the one the patch records.
       base: an exported base directory (a ``train_shared`` run's ``base/``) to apply it to.
+      model: the model the patch records, named by you: needed, and only then imported, for
+        a user model (``"package.module:factory"``) that is not registered in this process.
+      allow_unverified: load a patch without a content hash (with a warning).
 
     Returns:
       A ``Pretrained``: the model, its variables, its preprocessing and the task's class
@@ -380,8 +377,8 @@ def load_patched(
     """
     from kfor1.models import Preprocessing, Pretrained
 
-    patch = load_patch(directory)
-    pretrained = load_base_for(patch, directory, weights, base)
+    patch = load_patch(directory, allow_unverified)
+    pretrained = load_base_for(patch, directory, weights, base, model)
     variables = apply_patch(pretrained.variables, patch)
     preprocessing = Preprocessing.from_dict(patch.meta["preprocessing"])
     model = pretrained.model.clone(num_classes=patch.num_classes)

@@ -33,6 +33,7 @@ from kfor1.models.registry import (
     get_entry,
 )
 from kfor1.models.torch_checkpoint import CheckpointFormatError, read_torch_state_dict
+from kfor1.untrusted import MAX_WEIGHTS_BYTES, regular_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +208,8 @@ def detect_format(path: str) -> str:
     """'torch' or 'keras', from the file's content rather than its extension."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such weights file: {path}")
+    # A device (/dev/zero), a pipe or an oversized file is refused before a byte is parsed.
+    regular_file(path, "weights file", max_bytes=MAX_WEIGHTS_BYTES, error=CheckpointFormatError)
     with open(path, "rb") as f:
         head = f.read(8)
     if head == HDF5_MAGIC:

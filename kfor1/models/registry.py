@@ -231,6 +231,49 @@ def _resolve(name: str) -> ModelEntry:
                       getattr(obj, "load", None), user=True)
 
 
+def check_named_by_file(name: Any, what: str, named_by_user: str | None = None) -> str:
+    """The model a file names (a patch's ``base.model``, a base's or a run's ``model``), if it
+    may be loaded: kfor1's own or registered in this process; a user model (``module:factory``)
+    only when the user names the same one themselves (``named_by_user``: ``--model``,
+    ``model=``).
+
+    Why: files are shared and downloaded. A patch whose ``base.model`` is ``"evil:run"``,
+    unpacked beside an ``evil.py`` (the working directory is on the import path), would
+    otherwise run that file; ``"os:abort"`` would kill the process and ``"builtins:input"`` hang
+    it. kfor1 imports a module only because a person named it, never because a file did.
+
+    Args:
+      name: the model name the file records.
+      what: how the message names the file (``"patch runs/a/patches/x (patch.json)"``).
+      named_by_user: the model the user named for this file, or None.
+
+    Returns:
+      ``name``, safe to pass to ``get_entry`` / ``load_pretrained``.
+
+    Raises:
+      UnknownModelError: ``name`` is not a string, or names a user model the user did not
+        name, or the user named another model than the file records.
+
+    Example:
+      >>> check_named_by_file("efficientnet_lite0", "patch.json")
+      'efficientnet_lite0'
+    """
+    if not isinstance(name, str) or not name:
+        raise UnknownModelError(f"{what} names no model ({name!r})")
+    if named_by_user is not None:
+        if named_by_user != name:
+            raise UnknownModelError(
+                f"{what} records model {name!r}, not {named_by_user!r}; name the model it "
+                "records (or leave the model out for kfor1's own models)")
+        return name
+    if name in MODELS or name in _USER_MODELS:
+        return name
+    raise UnknownModelError(
+        f"{what} names the user model {name!r}, and kfor1 never imports code because a file "
+        f"names it; if you trust it, name it yourself (--model {name}, or model={name!r} in "
+        "the API) or kfor1.models.register it first")
+
+
 def available_models() -> list[str]:
     return sorted(MODELS) + sorted(_USER_MODELS)
 

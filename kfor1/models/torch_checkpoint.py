@@ -40,6 +40,7 @@ from kfor1.models.torch_pickle import (
     corrupt,
     not_torch_message,
 )
+from kfor1.untrusted import MAX_WEIGHTS_BYTES, regular_file
 
 __all__ = ["CheckpointFormatError", "read_torch_state_dict"]
 
@@ -239,6 +240,8 @@ def read_torch_state_dict(path: str | os.PathLike[str]) -> dict[str, np.ndarray]
         )
     if os.path.isdir(path_str):
         raise CheckpointFormatError(f"{path_str} is a directory, not a PyTorch weights file")
+    regular_file(path_str, "PyTorch weights file", max_bytes=MAX_WEIGHTS_BYTES,
+                 error=CheckpointFormatError)
     with open(path_str, "rb") as f:
         head = f.read(512)
         f.seek(0)

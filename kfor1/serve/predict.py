@@ -19,6 +19,7 @@ import numpy as np
 from kfor1.images import ImageReadError, center_crop_resize, load_image, read_images
 from kfor1.models.pretrained import Pretrained
 from kfor1.models.registry import Preprocessing
+from kfor1.table import printable
 
 __all__ = ["Prediction", "format_predictions", "format_results", "load_batch", "top_k"]
 
@@ -110,11 +111,11 @@ def format_predictions(path: str, predictions: Sequence[Prediction]) -> str:
     """The image path, then one aligned row per class: rank, probability, index, name."""
     index_width = max(len(str(p.class_index)) for p in predictions)
     rank_width = len(str(len(predictions)))
-    lines = [path]
+    lines = [printable(path)]
     for rank, p in enumerate(predictions, 1):
         lines.append(
             f"  {rank:>{rank_width}}  {100 * p.probability:6.2f}%  "
-            f"{p.class_index:>{index_width}}  {p.class_name}"
+            f"{p.class_index:>{index_width}}  {printable(p.class_name)}"
         )
     return "\n".join(lines)
 

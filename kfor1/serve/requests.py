@@ -75,18 +75,21 @@ def read_requests(path: str | os.PathLike) -> list[tuple[str, str]]:
 
 def open_server(
     patch_dirs: Sequence[str | os.PathLike], base: str | os.PathLike | None = None,
-    weights: str | None = None, capacity: int | None = None,
+    weights: str | None = None, capacity: int | None = None, model: str | None = None,
+    allow_unverified: bool = False,
 ) -> PatchServer:
     """A server of the patches in ``patch_dirs`` on the base the first records (or ``base``,
-    an exported base directory; ``weights``, a weights file): every patch must fit it."""
+    an exported base directory; ``weights``, a weights file): every patch must fit it.
+    ``model`` names a user model the patches record (``load_base_for``); ``allow_unverified``
+    loads patches without a content hash."""
     if not patch_dirs:
         raise RequestError("give at least one --patch DIR")
-    patches = [load_patch(d) for d in patch_dirs]
+    patches = [load_patch(d, allow_unverified) for d in patch_dirs]
     names = [p.meta.get("task") for p in patches]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise RequestError(f"two patches are both task {repeated[0]!r}; serve one of them")
-    pretrained = load_base_for(patches[0], patch_dirs[0], weights, base)
+    pretrained = load_base_for(patches[0], patch_dirs[0], weights, base, model)
     return PatchServer(pretrained, patches, capacity=capacity or max(16, len(patches)))
 
 

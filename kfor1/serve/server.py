@@ -126,6 +126,23 @@ def serve_fn(model: Any, preprocessing: Preprocessing, train_kwarg: str = "train
     return serve
 
 
+def _check_pixels(image: Any, i: int) -> None:
+    """Refuses example ``i`` unless it is uint8 pixels: a cast would turn float images in
+    [0, 1] black, wrap int16 pixels modulo 256 and make NaN 0, each a silent wrong answer."""
+    dtype = np.asarray(image).dtype
+    if dtype == np.uint8:
+        return
+    if np.issubdtype(dtype, np.floating):
+        values = np.asarray(image)
+        how = ("it holds NaN or inf" if not np.all(np.isfinite(values)) else
+               f"its values span {values.min():.3g} to {values.max():.3g}")
+        raise ValueError(f"example {i} is {dtype} ({how}); PatchServer takes uint8 pixels "
+                         "0-255: convert a [0, 1] image with (x * 255).round().astype(np.uint8)")
+    raise ValueError(f"example {i} is {dtype}; PatchServer takes uint8 pixels 0-255 (a cast "
+                     "would wrap other integers): convert with np.clip(x, 0, 255).astype(np.uint8)"
+                     " if they are pixels")
+
+
 class PatchServer:
     """Serves any number of tasks' patches on one base, each example of a batch its own task.
 
@@ -318,8 +335,10 @@ class PatchServer:
                 raise ValueError(
                     f"example {i} is {shape} and task {task.name!r} takes "
                     f"({task.resolution}, {task.resolution}, 3) uint8 images; resize it "
-                    f"(kfor1.images.load_image(path, {task.resolution}))"
+                    f"(kfor1.images.center_crop_resize(image, {task.resolution}, "
+                    f"{task.crop_fraction}))"
                 )
+            _check_pixels(image, i)
             groups.setdefault(task.resolution, []).append(i)
         table = self._table  # One table for the whole call, even if add/remove run meanwhile.
         out = np.zeros((len(served), self.layout.max_classes), np.float32)

@@ -12,12 +12,20 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 
 from kfor1.errors import USER_ERRORS, one_line, quiet_library_logs
 from kfor1.table import format_table
+from kfor1.trainer.cli_files import (
+    add_export,
+    add_predict,
+    add_workdir,
+    positive_int,
+    run_eval,
+    run_export,
+    run_predict,
+)
 from kfor1.trainer.flags import parse_train_args
 
 # --- train -----------------------------------------------------------------------------------
@@ -31,7 +39,7 @@ def _add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="check the config, build model, partition and optimiser from "
                         "shapes, report the weights and data it would read, and exit")
-    parser.add_argument("--stop_at_step", type=_positive_int, default=None,
+    parser.add_argument("--stop_at_step", type=positive_int, default=None,
                         help="end early at this step, after checkpointing (as a preemption "
                         "would); the same command without it resumes from there")
     parser.add_argument("--help-config", action="store_true",
@@ -114,178 +122,6 @@ def format_summary(summary: dict) -> str:
     return format_table(("task", "classes", "patch params", "patch file", column), rows)
 
 
-# --- eval, export ----------------------------------------------------------------------------
-
-def _add_workdir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", required=True, help="the --workdir of a `kfor1 train` run")
-    parser.add_argument("--step", type=_positive_int, default=None,
-                        help="checkpoint step (default: the latest)")
-
-
-def _run_eval(args: argparse.Namespace) -> int:
-    from kfor1.trainer.workdir import evaluate_workdir
-
-    results = evaluate_workdir(args.workdir, args.step)
-    rows = [(name, f"{100 * r['accuracy']:.2f}%", f"{r['loss']:.4f}", r["examples"])
-            for name, r in results.items()]
-    print(format_table(("task", "accuracy", "loss", "examples"), rows))
-    return 0
-
-
-def _add_export(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--workdir", default=None, help="the --workdir of a `kfor1 train` run")
-    parser.add_argument("--step", type=_positive_int, default=None,
-                        help="checkpoint step (default: the latest)")
-    parser.add_argument("--out", default=None, help="output directory (patches: default the "
-                        "workdir)")
-    parser.add_argument("--format", choices=("patches", "savedmodel", "tflite"),
-                        default="patches", help="patches/<task>/ from a checkpoint (default), "
-                        "or every task in one TensorFlow SavedModel or TFLite file")
-    parser.add_argument("--patch", metavar="DIR", action="append", default=None,
-                        help="with --format savedmodel/tflite: a task's patch (repeat it; "
-                        "default: every patch of --workdir)")
-    parser.add_argument("--base", metavar="DIR", default=None,
-                        help="the exported base the patches apply to (a train_shared run's)")
-
-
-def _run_export(args: argparse.Namespace) -> int:
-    if args.format != "patches":
-        return _export_served(args)
-    if not args.workdir:
-        raise ValueError("kfor1 export needs --workdir (or --format savedmodel/tflite with "
-                         "--patch DIR ...)")
-    from kfor1.trainer.workdir import Workdir, export_workdir, load_config
-
-    for name, path in export_workdir(args.workdir, args.out, args.step).items():
-        print(f"{name}: {path}")
-    if load_config(args.workdir).train_shared:
-        print(f"trained base: {Workdir(args.out or args.workdir).base}")
-    return 0
-
-
-def _export_served(args: argparse.Namespace) -> int:
-    import os
-
-    from kfor1.serve.export import export
-    from kfor1.serve.requests import open_server
-
-    if not args.out:
-        raise ValueError(f"--format {args.format} needs --out DIR")
-    patches = args.patch
-    if not patches:
-        if not args.workdir:
-            raise ValueError(f"--format {args.format} needs --patch DIR ... or --workdir")
-        from kfor1.trainer.workdir import Workdir
-
-        root = Workdir(args.workdir).patches
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"{args.workdir} has no patches/; train or `kfor1 export "
-                                    "--workdir` first")
-        patches = [os.path.join(root, name) for name in sorted(os.listdir(root))]
-    server = open_server(patches, base=args.base)
-    for kind, path in export(server, args.out, formats=(args.format,)).items():
-        print(f"{kind}: {path}")
-    for i, task in enumerate(sorted(server.tasks.values(), key=lambda t: t.slot)):
-        print(f"  task id {i}: {task.name} ({len(task.class_names)} classes)")
-    return 0
-
-
-# --- predict ---------------------------------------------------------------------------------
-
-def _add_predict(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="*", metavar="IMAGE",
-                        help="image files (JPEG, PNG, ...); with several --patch, TASK=PATH")
-    parser.add_argument("--model", default=None,
-                        help="registered model name, for ImageNet predictions without --patch "
-                        "(default: efficientnet_lite0)")
-    parser.add_argument("--weights", metavar="PATH", default=None,
-                        help="PyTorch or Keras weights file (default: the model's pip-packaged "
-                        "weights)")
-    parser.add_argument("--patch", metavar="DIR", action="append", default=None,
-                        help="a task patch (workdir/patches/<task>): classify into that task's "
-                        "classes; repeat it to serve several tasks in one batch")
-    parser.add_argument("--requests", metavar="FILE", default=None,
-                        help="CSV (task,path) or JSON lines ({\"task\", \"path\"}) of images "
-                        "to classify, each for its task")
-    parser.add_argument("--base", metavar="DIR", default=None,
-                        help="with --patch: the exported base it applies to (default: the one "
-                        "its run wrote, for patches of a run that trained its backbone)")
-    parser.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
-                        help="classes to show per image (default: 5, or all of a task's "
-                        "classes if it has fewer)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
-                        help="images per forward pass (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
-def _check_top_k(top_k: int | None, classes: int, what: str) -> int:
-    if top_k is not None and top_k > classes:
-        raise ValueError(f"--top-k {top_k}: {what} has only {classes} classes; "
-                         f"use --top-k {classes} or less")
-    return top_k or min(5, classes)
-
-
-def _run_predict(args: argparse.Namespace) -> int:
-    if not args.images and not args.requests:
-        raise ValueError("give image files to classify (or --requests FILE)")
-    if args.patch:
-        if args.model:
-            raise ValueError(f"--model {args.model} with --patch: a patch records the base it "
-                             "was trained on; drop --model (or --base DIR for another base)")
-        return _predict_tasks(args)
-    if args.base or args.requests:
-        raise ValueError("--base and --requests need --patch: they are for tasks' patches")
-    from kfor1.models import load_pretrained
-    from kfor1.serve.predict import top_k
-
-    pretrained = load_pretrained(args.model or "efficientnet_lite0", args.weights)
-    k = _check_top_k(args.top_k, len(pretrained.class_names), pretrained.name)
-    results = top_k(pretrained, args.images, k=k, batch_size=args.batch_size,
-                    skip_unreadable=True)
-    return _print_results(args, [
-        {"path": path, "error": one_line(r)} if isinstance(r, Exception)
-        else {"path": path, "top": [{"index": p.class_index, "name": p.class_name,
-                                     "probability": p.probability} for p in r]}
-        for path, r in zip(args.images, results)
-    ], tagged=False)
-
-
-def _predict_tasks(args: argparse.Namespace) -> int:
-    """Images for one or more tasks' patches, served together (``kfor1.serve``)."""
-    from kfor1.serve.requests import open_server, parse_tagged, predict_requests, read_requests
-
-    server = open_server(args.patch, base=args.base, weights=args.weights)
-    tasks = server.tasks
-    requests = parse_tagged(args.images, list(tasks))
-    if args.requests:
-        requests += read_requests(args.requests)
-    # Each task shows up to k of its classes; a k beyond every task's classes is a mistake.
-    widest = max(tasks.values(), key=lambda t: len(t.class_names))
-    k = args.top_k or 5
-    if len(tasks) == 1 or args.top_k is not None:
-        k = _check_top_k(args.top_k, len(widest.class_names), f"task {widest.name!r}")
-    results = predict_requests(server, requests, k=k, batch_size=args.batch_size,
-                               skip_unreadable=True)
-    return _print_results(args, results, tagged=len(tasks) > 1)
-
-
-def _print_results(args: argparse.Namespace, results: list[dict], tagged: bool) -> int:
-    """Prints the predictions (a table, or ``--json``); images that could not be read are
-    reported on stderr, one line each, after the others are printed (exit status 2)."""
-    from kfor1.serve.predict import format_results
-
-    text = json.dumps(results, indent=2) if args.json else format_results(results, tagged)
-    if text:
-        print(text)
-    failed = [r for r in results if "error" in r]
-    for r in failed:
-        print(f"error: {r['error']}", file=sys.stderr)
-    if failed:
-        print(f"error: {len(failed)} of {len(results)} images could not be read (the others "
-              "were classified); re-encode or remove them", file=sys.stderr)
-    return 2 if failed else 0
-
-
 # --- params ----------------------------------------------------------------------------------
 
 def _add_params(parser: argparse.ArgumentParser) -> None:
@@ -294,7 +130,7 @@ def _add_params(parser: argparse.ArgumentParser) -> None:
                         help="patch spec: presets joined by '+', or (regex, label) rules as a "
                         "JSON list, e.g. '[[\"head/.*\", \"patch\"], [\".*\", \"shared\"]]' "
                         "(default: %(default)s)")
-    parser.add_argument("--num-classes", type=_positive_int, default=1000)
+    parser.add_argument("--num-classes", type=positive_int, default=1000)
     parser.add_argument("--head", default=None, help="classifier module (default: last Dense)")
     parser.add_argument("--all", action="store_true", help="also list every parameter")
 
@@ -310,16 +146,6 @@ def _run_params(args: argparse.Namespace) -> int:
 
 # --- the parser ------------------------------------------------------------------------------
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None],
                 Callable[[argparse.Namespace], int] | None]
 
@@ -329,11 +155,11 @@ COMMANDS: tuple[Command, ...] = (
     ("sweep", "train every patch of a list at a small learning-rate grid, choose on "
      "validation, test the chosen once", _add_sweep, None),  # Dispatched in main(), too.
     ("eval", "evaluate a run's latest (or --step) checkpoint on every task's test split",
-     _add_workdir, _run_eval),
+     add_workdir, run_eval),
     ("export", "write patches/<task>/ patch files from a run's checkpoint",
-     _add_export, _run_export),
+     add_export, run_export),
     ("predict", "print the top-k classes of image files (ImageNet, or a task with --patch)",
-     _add_predict, _run_predict),
+     add_predict, run_predict),
     ("params", "show what a patch spec trains on a model: counts, bytes, K-task cost",
      _add_params, _run_params),
 )

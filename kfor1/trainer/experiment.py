@@ -30,6 +30,7 @@ from kfor1.multitask.state import MultiTaskState, Task, init_multitask
 from kfor1.patch.optim import build_optimizer
 from kfor1.patch.spec import PatchSpec, partition
 from kfor1.trainer.config import ConfigError
+from kfor1.untrusted import check_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +142,8 @@ def check_values(config: ml_collections.ConfigDict) -> tuple[TaskChunk, PatchSpe
         raise ConfigError(f"config.eval_every={config.eval_every}: use 0 (only at the end) or a "
                           "positive number of steps")
     for t in config.tasks:
+        check_name(t.name, f"task {t.dataset!r}: its name (config.tasks[].name)",
+                   error=ConfigError)
         start = t.get("init_patch", "")
         if start and not os.path.isfile(os.path.join(start, "patch.json")):
             raise ConfigError(f"task {t.name or t.dataset!r}: init_patch={start!r} is not a "

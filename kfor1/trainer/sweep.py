@@ -267,7 +267,9 @@ def _sweep(config, wd: Workdir, patches, grid, stop_at) -> dict[str, Any]:
         if os.path.exists(test_path):
             test = _read_json(test_path)
         else:
-            (test,) = evaluate_workdir(os.path.join(wd.root, "runs", best["run"])).values()
+            # The sweep's own runs, of the model the user's config names.
+            (test,) = evaluate_workdir(os.path.join(wd.root, "runs", best["run"]),
+                                       model=config.model).values()
             _write_json(test_path, test)
         chosen.append({**best, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
                        "test_examples": test["examples"]})

@@ -38,10 +38,12 @@ from kfor1.errors import UserError
 from kfor1.files.atomic import atomic_write
 from kfor1.files.basefile import export_base, patch_leaves, trained_base
 from kfor1.files.patchfile import export_patch, task_meta
+from kfor1.models.registry import check_named_by_file
 from kfor1.multitask.state import MultiTaskState
 from kfor1.trainer.checkpoint import Checkpointer
 from kfor1.trainer.evaluate import Results, evaluate
 from kfor1.trainer.experiment import Setup, setup
+from kfor1.untrusted import read_json
 
 CONFIG_FILE = "config.json"
 TASKS_FILE = "tasks.json"
@@ -96,6 +98,10 @@ class Workdir:
 
     def patch(self, task: str) -> str:
         return os.path.join(self.patches, task)
+
+
+class WorkdirError(UserError, ValueError):
+    """A run directory whose files are missing, malformed, or disagree with each other."""
 
 
 class WorkdirBusyError(UserError, RuntimeError):
@@ -168,15 +174,23 @@ def save_run(s: Setup, workdir: str | Workdir) -> None:
     atomic_write(workdir.tasks, json.dumps(tasks, indent=2))
 
 
-def load_config(workdir: str | Workdir) -> ml_collections.ConfigDict:
-    """The config a ``kfor1 train`` run saved in ``workdir``."""
+def load_config(workdir: str | Workdir, model: str | None = None) -> ml_collections.ConfigDict:
+    """The config a ``kfor1 train`` run saved in ``workdir``, read as hostile input: bounded,
+    inside the workdir, and its model kfor1's or registered unless the user names the same
+    ``model`` (``kfor1.models.registry.check_named_by_file``: a run directory may come from
+    anyone, and nothing a file names is imported)."""
     workdir = as_workdir(workdir)
     if not os.path.exists(workdir.config):
         raise FileNotFoundError(
             f"{workdir.root} holds no {CONFIG_FILE}; is it the --workdir of a `kfor1 train` run?"
         )
-    with open(workdir.config, encoding="utf-8") as f:
-        data = json.load(f)
+    what = f"run {workdir.root}: {CONFIG_FILE}"
+    data = read_json(workdir.config, what, inside=workdir.root, error=WorkdirError)
+    if not isinstance(data, dict) or not isinstance(data.get("tasks", []), list) or not all(
+            isinstance(t, dict) for t in data.get("tasks", [])):
+        raise WorkdirError(f"{what} is not a kfor1 run's config (no object with a list of "
+                           "tasks); restore it from the run")
+    check_named_by_file(data.get("model"), what, named_by_user=model)
     # ConfigDict converts nested dicts but not dicts inside lists.
     data["tasks"] = [ml_collections.ConfigDict(t) for t in data.get("tasks", [])]
     return ml_collections.ConfigDict(data)
@@ -185,18 +199,25 @@ def load_config(workdir: str | Workdir) -> ml_collections.ConfigDict:
 def _class_names(workdir: Workdir, config: ml_collections.ConfigDict) -> list[list[str]] | None:
     if not os.path.exists(workdir.tasks):
         return None  # A run from before tasks.json: the train splits give the classes.
-    with open(workdir.tasks, encoding="utf-8") as f:
-        tasks = json.load(f)
-    if [t["name"] for t in tasks] != [t.name for t in config.tasks]:
+    tasks = read_json(workdir.tasks, f"run {workdir.root}: {TASKS_FILE}", inside=workdir.root,
+                      error=WorkdirError)
+    if not isinstance(tasks, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("class_names"), list)
+            and all(isinstance(c, str) for c in t["class_names"]) for t in tasks):
+        raise WorkdirError(f"{workdir.tasks} is not a list of tasks with class names; restore "
+                           "it from the run")
+    if [t.get("name") for t in tasks] != [t.name for t in config.tasks]:
         raise ValueError(f"{workdir.tasks} and {workdir.config} name different tasks; "
                          "the workdir was edited by hand — restore both files")
     return [t["class_names"] for t in tasks]
 
 
-def restore(workdir: str | Workdir, step: int | None = None) -> tuple[Setup, MultiTaskState]:
-    """The run's eval-only setup and its state at ``step`` (default: the latest checkpoint)."""
+def restore(workdir: str | Workdir, step: int | None = None,
+            model: str | None = None) -> tuple[Setup, MultiTaskState]:
+    """The run's eval-only setup and its state at ``step`` (default: the latest checkpoint);
+    ``model``: the user model its config records, named by the user (``load_config``)."""
     workdir = as_workdir(workdir)
-    config = load_config(workdir)
+    config = load_config(workdir, model)
     config.progress = False
     names = _class_names(workdir, config)
     s = setup(config, train=names is None, class_names=names)
@@ -238,13 +259,14 @@ def export_patches(s: Setup, state: MultiTaskState, workdir: str | Workdir) -> d
     return out
 
 
-def evaluate_workdir(workdir: str, step: int | None = None) -> Results:
+def evaluate_workdir(workdir: str, step: int | None = None, model: str | None = None) -> Results:
     """Every task's test accuracy and loss at a checkpoint of the run in ``workdir``."""
-    s, state = restore(workdir, step)
+    s, state = restore(workdir, step, model)
     return evaluate(s, state)
 
 
-def export_workdir(workdir: str, out: str | None = None, step: int | None = None) -> dict:
+def export_workdir(workdir: str, out: str | None = None, step: int | None = None,
+                   model: str | None = None) -> dict:
     """Patch files of every task from a checkpoint, under ``out`` (default: the workdir)."""
-    s, state = restore(workdir, step)
+    s, state = restore(workdir, step, model)
     return export_patches(s, state, out or workdir)
