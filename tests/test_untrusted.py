@@ -351,3 +351,47 @@ def test_the_server_refuses_pixels_it_would_cast(trained_run):
             server.predict([good, image], ["colours", "colours"])
     with pytest.raises(ValueError, match="center_crop_resize"):
         server.predict([good[:-1]], ["colours"])
+
+
+def test_a_read_only_workdir_is_one_line(colours, tmp_path, capsys, monkeypatch):
+    """EROFS cannot be made by chmod for root (CI runs as root): the file system's refusal is
+    raised where the workdir's first file is opened, as a read-only mount would."""
+    import errno
+
+    import kfor1.trainer.workdir as workdir_module
+
+    workdir = tmp_path / "run"
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(workdir)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(workdir_module.os, "open", read_only)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    argv = ["train", "--config", f"configs/transfer.py:dataset=folder:{colours},resolution=32",
+            "--workdir", str(workdir), "--config.num_steps=1", "--config.batch_size=8",
+            "--config.eval_batch_size=8"]
+    assert cli.main(argv) == 2
+    assert "read-only file system" in _one_error_line(capsys)
+
+
+# Tracebacks that became one line.
+
+@pytest.mark.parametrize("body, where", [
+    ("def get_config(arg):\n    x = 1\n    raise RuntimeError('boom')\n",
+     " line 3 (in get_config): RuntimeError: boom"),
+    ("def get_config(arg)\n    pass\n", " line 1: SyntaxError: expected ':'"),
+    ("import os\nraise KeyError('top')\n", " line 2: KeyError: 'top'"),
+    ("def get_config():\n    return None\n", ": get_config() takes 0 positional arguments but 1 "
+     "was given (get_config takes the text after ':' as one argument, or none without it)"),
+])
+def test_a_config_file_that_fails_is_named_by_file_and_line(tmp_path, capsys, body, where):
+    config = tmp_path / "my_config.py"
+    config.write_text(body)
+    for command in ("train", "sweep"):
+        argv = [command, "--config", f"{config}:x=1", "--workdir", str(tmp_path / "w")]
+        assert cli.main(argv) == 2
+        assert _one_error_line(capsys) == f"error: config file {config}{where}"
+    assert not (tmp_path / "w").exists()

@@ -206,13 +206,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except OSError as exc:  # A full disk is the user's to fix; other OS errors keep tracebacks.
+    except OSError as exc:  # A full or read-only disk is the user's to fix; others are bugs.
+        import errno
+
         from kfor1.files.atomic import is_disk_full
 
-        if not is_disk_full(exc):
+        if is_disk_full(exc):
+            print(f"error: disk full: {one_line(exc)}; free space or use another directory",
+                  file=sys.stderr)
+        elif exc.errno == errno.EROFS:
+            print(f"error: read-only file system: {one_line(exc)}; use a --workdir (or --out) "
+                  "on a disk you can write to", file=sys.stderr)
+        else:
             raise
-        print(f"error: disk full: {one_line(exc)}; free space or use another directory",
-              file=sys.stderr)
         return 2
 
 

@@ -5,7 +5,9 @@ cannot express, and each command's own flags. Shared by ``kfor1 train`` and ``kf
 
 from __future__ import annotations
 
+import os
 import re
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +31,45 @@ def _flag_message(exc: BaseException) -> str:
         return f"cannot load the config file: {errno.group(1)}"
     errors = re.findall(r"^[\w.]*(?:Error|Exception): (.+)$", text, flags=re.MULTILINE)
     return one_line(errors[-1] if errors else text)
+
+
+def _config_path(argv: Sequence[str]) -> str | None:
+    """The file of ``--config FILE[:ARGS]`` (or ``--config=FILE[:ARGS]``) in ``argv``."""
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if arg == "--config" and i + 1 < len(argv) else (
+            arg[len("--config="):] if arg.startswith("--config=") else None)
+        if value:
+            return value.split(":", 1)[0]
+    return None
+
+
+def _in_config_file(exc: BaseException, path: str | None) -> str | None:
+    """Where in the user's config file ``exc`` (or an error it was raised from) happened, as
+    ``config file F line N (in FN): Type: message``; None when it did not happen there. A
+    config file is the user's Python: its mistake is named by file and line, not by absl's and
+    ml_collections' stack."""
+    if not path:
+        return None
+    target = os.path.realpath(path)
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, SyntaxError) and error.filename and os.path.realpath(
+                error.filename) == target:
+            return (f"config file {path} line {error.lineno}: SyntaxError: "
+                    f"{error.msg}")
+        frames = [f for f in traceback.extract_tb(error.__traceback__)
+                  if os.path.realpath(f.filename) == target]
+        if frames:
+            where = "" if frames[-1].name == "<module>" else f" (in {frames[-1].name})"
+            return (f"config file {path} line {frames[-1].lineno}{where}: "
+                    f"{type(error).__name__}: {one_line(error)}")
+        if isinstance(error, TypeError) and "get_config()" in str(error):
+            return (f"config file {path}: {_flag_message(error)} (get_config takes the text after "
+                    "':' as one argument, or none without it)")
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def parse_config_args(
@@ -68,8 +109,8 @@ def parse_config_args(
         value = config.value
         if value is not None:
             value.keys()  # A file that failed to load raises on first use: make that now.
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as e:
-        raise ConfigError(_flag_message(e)) from None
+    except Exception as e:  # noqa: BLE001 - a config file is Python and may raise anything.
+        raise ConfigError(_in_config_file(e, _config_path(argv)) or _flag_message(e)) from None
     if rest[1:]:
         raise ConfigError(f"unexpected arguments {rest[1:]}; e.g. {example}")
     if value is None:

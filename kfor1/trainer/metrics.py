@@ -7,14 +7,46 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from kfor1.errors import UserError
 from kfor1.files.atomic import atomic_write
 from kfor1.patch.report import PatchReport
+
+
+class MetricsFileError(UserError, ValueError):
+    """A ``metrics.jsonl`` whose lines are not the records kfor1 writes."""
+
+
+def _kept_lines(path: str, resume_step: int) -> list[str]:
+    """The lines of ``path`` up to ``resume_step``. A last line cut short (the run was killed
+    while writing it) is dropped with a note; a bad line before it is refused, named."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    kept = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise TypeError(step)
+        except (ValueError, KeyError, TypeError):
+            if n == len(lines):
+                print(f"note: {path}: dropped its last line, cut short when the run stopped "
+                      f"({line[:60]!r})", file=sys.stderr)
+                continue
+            raise MetricsFileError(
+                f"{path} line {n} is not a metrics record ({line[:60]!r}); move the file aside "
+                "and the run starts its log anew") from None
+        if step <= resume_step:
+            kept.append(line + "\n")
+    return kept
 
 
 class MetricsLog:
@@ -31,10 +63,7 @@ class MetricsLog:
 
         self.path = path
         if os.path.exists(path) and jax.process_index() == 0:
-            with open(path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip()
-                        and json.loads(line)["step"] <= resume_step]
-            atomic_write(path, "".join(kept))
+            atomic_write(path, "".join(_kept_lines(path, resume_step)))
         if jax.process_index() == 0:
             for events in glob.glob(os.path.join(events_dir, "events.out.tfevents.*")):
                 _truncate_events(events, resume_step)
