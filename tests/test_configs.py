@@ -35,3 +35,35 @@ def test_small_configs_keep_lite0(name, arg):
 
 def test_there_are_paper_configs():
     assert len(PAPER) >= 7
+
+
+def test_every_config_field_has_a_range_and_each_range_refuses():
+    """``kfor1.trainer.config_ranges``: one table of allowed values for every field (issue 31:
+    a negative learning rate, dropout 1.0, bn_momentum 1.5 and negative warm-up trained to
+    chance with exit status 0)."""
+    import pytest
+
+    from kfor1.trainer.config import ConfigError, base_config
+    from kfor1.trainer.config_ranges import allowed, check_ranges, leaves
+
+    config = base_config()
+    missing = [path for path, _ in leaves(config) if allowed(path) is None]
+    assert not missing, f"fields without a range in config_ranges.ALLOWED: {missing}"
+    check_ranges(config)
+    for path, bad, text in [
+        ("learning_rate.scale_bias", -1e-2, "> 0"), ("dropout_rate", 1.0, "[0, 1)"),
+        ("bn_momentum", 1.5, "[0, 1), or < 0"), ("warmup_steps", -5, "an integer >= 0"),
+        ("label_smoothing", 1.5, "[0, 1)"), ("momentum", 1.0, "[0, 1)"),
+        ("weight_decay", -0.1, ">= 0"), ("optimizer", "lamb", "one of adamw, adam, sgd"),
+        ("augment.min_scale", 0.0, "(0, 1]"), ("seed", -1, "an integer >= 0"),
+        ("mesh.tasks", 0, "an integer >= 1"), ("learning_rate.logits", float("nan"), "> 0"),
+    ]:
+        c = base_config()
+        group, _, leaf = path.rpartition(".")
+        (c[group] if group else c)[leaf] = bad
+        with pytest.raises(ConfigError, match=f"config.{path}={bad!r} is out of range: use "
+                           + text.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+            check_ranges(c)
+    c = base_config()
+    c.dropout_rate, c.bn_momentum = -1.0, -1.0  # The model's own.
+    check_ranges(c)

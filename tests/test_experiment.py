@@ -15,7 +15,7 @@ from kfor1.trainer import experiment
     [
         ("patch", "scale_bais", "unknown patch preset"),
         ("task_chunk", -3, "task_chunk=-3"),
-        ("num_steps", 0, "must be at least 1"),
+        ("num_steps", 0, "is out of range: use an integer >= 1"),
         ("tasks", [], "config.tasks is empty"),
     ],
 )

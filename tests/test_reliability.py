@@ -63,7 +63,7 @@ def test_a_config_argument_of_the_wrong_type_names_key_and_type(arg, message, tm
 def test_zero_intervals_are_refused_before_compiling(key, colours):
     config = run_config(colours)
     config[key] = 0
-    with pytest.raises(ConfigError, match=f"config.{key}=0 must be at least 1"):
+    with pytest.raises(ConfigError, match=f"config.{key}=0 is out of range: use an integer >= 1"):
         check_values(config)
 
 

@@ -25,7 +25,12 @@ from tiny_models import (
 )
 
 from kfor1.multitask.state import Task, init_multitask, task_variables
-from kfor1.multitask.step import make_eval_step, make_predict_fn, make_train_step
+from kfor1.multitask.step import (
+    make_eval_step,
+    make_predict_fn,
+    make_train_step,
+    smoothed_cross_entropy,
+)
 from kfor1.patch.optim import patch_optimizer
 from kfor1.patch.spec import partition
 from kfor1.tree import flatten, unflatten
@@ -80,6 +85,42 @@ def test_k_tasks_equal_k_single_task_runs(tiny):
     for path, value in flatten(state_k.batch_stats).items():
         for i, j in ((0, 1), (0, 2), (1, 2)):
             assert not np.allclose(value[i], value[j]), path
+
+
+def test_smoothed_cross_entropy_is_optax_smooth_labels_over_the_tasks_classes():
+    logits = jax.random.normal(jax.random.key(0), (4, 5))
+    labels = jnp.array([0, 2, 1, 2])
+    full = smoothed_cross_entropy(logits, labels, jnp.ones(5, bool), 0.1)
+    reference = optax.softmax_cross_entropy(
+        logits, optax.smooth_labels(jax.nn.one_hot(labels, 5), 0.1))
+    chex.assert_trees_all_close(full, reference, rtol=1e-6)
+    # A 3-class task on a 5-wide padded head: the same as its own 3-wide head.
+    padded = jnp.where(jnp.arange(5) < 3, logits, -1e9)
+    chex.assert_trees_all_close(
+        smoothed_cross_entropy(padded, labels, jnp.arange(5) < 3, 0.1),
+        optax.softmax_cross_entropy(logits[:, :3],
+                                    optax.smooth_labels(jax.nn.one_hot(labels, 3), 0.1)),
+        rtol=1e-6)
+
+
+def test_label_smoothing_trains_each_task_as_alone(tiny):
+    """``label_smoothing`` (issue 31: it was never read) changes training, and K tasks of
+    different class counts train as each would alone with a head of its own width."""
+    classes = (5, 3)
+    tasks = [Task("a", 5), Task("b", 3)]
+    batches = [make_batch(s, classes) for s in range(2)]
+    losses = {}
+    for smoothing in (0.0, 0.2):
+        opt, state = build_state(tiny, "scale_bias+logits", tasks)
+        step = make_train_step(TinyCNN(5), opt, donate=False, label_smoothing=smoothing)
+        losses[smoothing] = run_steps(step, state, batches)[1]
+    assert not np.allclose(losses[0.0], losses[0.2])
+    for k, task in enumerate(tasks):
+        opt1, state_1 = build_state(tiny, "scale_bias+logits", [task])
+        step_1 = make_train_step(TinyCNN(task.num_classes), opt1, donate=False,
+                                 label_smoothing=0.2)
+        _, losses_1 = run_steps(step_1, state_1, [slice_batch(b, [k]) for b in batches])
+        chex.assert_trees_all_close(losses_1[:, 0], losses[0.2][:, k], **TOL)
 
 
 @pytest.mark.parametrize("train_shared", [False, True])

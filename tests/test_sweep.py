@@ -158,7 +158,7 @@ def _one_class_alone(root: Path) -> Path:
     (["--lrs", "x0"], "'x0' must be a positive number"),
     (["--config.validation=1.5"], "config.validation='1.5'"),
     (["--config.validation=0"], None),  # Filled in below: the sweep holds 0.1 out itself.
-    (["--config.num_steps=0"], "config.num_steps=0 must be at least 1"),
+    (["--config.num_steps=0"], "config.num_steps=0 is out of range"),
 ])
 def test_bad_sweep_input_is_one_line_before_training(args, fragment, tmp_path, capsys,
                                                      monkeypatch):

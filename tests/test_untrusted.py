@@ -395,3 +395,42 @@ def test_a_config_file_that_fails_is_named_by_file_and_line(tmp_path, capsys, bo
         assert cli.main(argv) == 2
         assert _one_error_line(capsys) == f"error: config file {config}{where}"
     assert not (tmp_path / "w").exists()
+
+
+# Lost and mixed runs.
+
+def test_a_resume_with_another_dataset_is_refused_before_anything_is_written(
+        trained_run, colours, tmp_path):
+    from tiny_runs import run_config, write_folder
+
+    from kfor1.trainer.config import task
+    from kfor1.trainer.loop import train
+    from kfor1.trainer.workdir import WorkdirError
+
+    workdir = Path(shutil.copytree(trained_run[0], tmp_path / "run"))
+    before = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+    other = write_folder(tmp_path / "other", classes=("red", "green"))
+    config = run_config(colours, num_steps=8)
+    config.tasks[1] = task(f"folder:{other}", name="colours", resolution=32)
+    with pytest.raises(WorkdirError, match="holds another run .*tasks .*other"):
+        train(config, str(workdir))
+    same_names = write_folder(tmp_path / "again")  # Same classes, another dataset.
+    config.tasks[1] = task(f"folder:{same_names}", name="colours", resolution=32)
+    with pytest.raises(WorkdirError, match="holds another run"):
+        train(config, str(workdir))
+    config = run_config(colours, num_steps=8, patch="logits")
+    with pytest.raises(WorkdirError, match="patch 'scale_bias\\+logits' -> 'logits'"):
+        train(config, str(workdir))
+    after = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+    assert {k: v for k, v in after.items() if k != ".lock"} == {
+        k: v for k, v in before.items() if k != ".lock"}
+
+
+def test_a_resume_with_more_steps_is_the_same_run(trained_run, colours, tmp_path):
+    from tiny_runs import metrics, run_config
+
+    from kfor1.trainer.loop import train
+
+    workdir = Path(shutil.copytree(trained_run[0], tmp_path / "run"))
+    train(run_config(colours, num_steps=8, log_every=4), str(workdir))
+    assert metrics(workdir)[-1]["step"] == 8

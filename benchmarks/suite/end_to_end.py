@@ -77,7 +77,7 @@ def alone(config: Any, steps: int) -> dict[str, float]:
     state = s.init_state()
     model = s.model.clone(num_classes=state.layout.max_classes)
     step_fn = make_train_step(model, s.optimizer, train_shared=config.train_shared,
-                              task_chunk=s.task_chunk)
+                              task_chunk=s.task_chunk, label_smoothing=config.label_smoothing)
     groups = resolution_groups(state.layout)
     iterators = _train_iterators(s, 0)
     images = config.batch_size * len(s.tasks)

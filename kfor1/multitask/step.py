@@ -37,6 +37,20 @@ __all__ = ["make_eval_step", "make_predict_fn", "make_stats_step", "make_train_s
 _STEP_IDS = itertools.count()
 
 
+def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
+                           label_smoothing: float) -> jax.Array:
+    """Cross-entropy of ``logits`` (B, C) against integer ``labels`` (B,), the targets smoothed
+    by ``label_smoothing`` over the task's classes only (``mask`` (C,): a padded head's extra
+    classes get no mass), as ``optax.smooth_labels`` does for a head of the task's width.
+    Returns (B,)."""
+    if not label_smoothing:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
+    valid = mask.astype(logits.dtype)
+    targets = (1.0 - label_smoothing) * onehot + label_smoothing * valid / valid.sum()
+    return optax.softmax_cross_entropy(logits, targets)
+
+
 def make_train_step(
     model: nn.Module,
     optimizer: optax.GradientTransformation,
@@ -47,8 +61,12 @@ def make_train_step(
     max_traces: int | None = None,
     donate: bool = True,
     task_chunk: TaskChunk = "auto",
+    label_smoothing: float = 0.0,
 ) -> Callable[[MultiTaskState, Any, jax.Array], tuple[MultiTaskState, dict[str, jax.Array]]]:
     """Builds the jitted step that trains all K tasks' patches at once.
+
+    The loss is each task's cross-entropy, its targets smoothed by ``label_smoothing`` over the
+    task's own classes (``smoothed_cross_entropy``), summed over tasks.
 
     BatchNorm runs in training mode, updating statistics, when the patch owns BN statistics and
     trains something below the head, or the shared backbone is trained (``train_shared=True``,
@@ -115,7 +133,7 @@ def make_train_step(
                 def task_loss(p, ps, x, y, mask, key):
                     logits, new_stats = forward(p, ps, shared, split.shared_stats, x, key)
                     logits = jnp.where(mask, logits, MASKED_LOGIT)
-                    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+                    loss = smoothed_cross_entropy(logits, y, mask, label_smoothing).mean()
                     acc = jnp.mean(jnp.argmax(logits, -1) == y)
                     return loss, acc, new_stats
 

@@ -15,6 +15,8 @@ import textwrap
 import tokenize
 from typing import Any
 
+from kfor1.trainer.config_ranges import allowed, leaves
+
 _FIELD = re.compile(r"^\s*c\.(\w+)\s*=")
 
 
@@ -53,16 +55,6 @@ def field_comments() -> dict[str, str]:
     return comments
 
 
-def _leaves(value: Any, prefix: str) -> list[tuple[str, Any]]:
-    """A config's fields as ``(dotted path, value)``; lists (``tasks``) stay one value."""
-    if hasattr(value, "items") and not isinstance(value, (str, bytes)):
-        out = []
-        for key, item in sorted(value.items()):
-            out += _leaves(item, f"{prefix}.{key}" if prefix else key)
-        return out
-    return [(prefix, value)]
-
-
 def _shown(value: Any, width: int = 72) -> str:
     text = repr(value.to_dict() if hasattr(value, "to_dict") else value)
     if isinstance(value, (list, tuple)):
@@ -88,11 +80,14 @@ def describe_config(config: Any, width: int = 100) -> str:
     """
     comments = field_comments()
     groups: dict[str, list[tuple[str, Any]]] = {}
-    for path, value in _leaves(config, ""):
+    for path, value in leaves(config):
         groups.setdefault(path.split(".")[0], []).append((path, value))
     lines = []
     for name, fields in groups.items():
-        lines += [f"{path} = {_shown(value)}" for path, value in fields]
+        for path, value in fields:
+            rule = allowed(path)
+            lines.append(f"{path} = {_shown(value)}" + (
+                f"  ({rule.text})" if rule and not rule.text.startswith("one of True") else ""))
         if comments.get(name):
             lines += textwrap.wrap(comments[name], width, initial_indent="    ",
                                    subsequent_indent="    ")

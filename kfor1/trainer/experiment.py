@@ -30,6 +30,7 @@ from kfor1.multitask.state import MultiTaskState, Task, init_multitask
 from kfor1.patch.optim import build_optimizer
 from kfor1.patch.spec import PatchSpec, partition
 from kfor1.trainer.config import ConfigError
+from kfor1.trainer.config_ranges import check_ranges
 from kfor1.untrusted import check_name
 
 
@@ -134,13 +135,7 @@ def load_base(config: ml_collections.ConfigDict) -> Pretrained:
 def check_values(config: ml_collections.ConfigDict) -> tuple[TaskChunk, PatchSpec]:
     """The checks that need nothing loaded: step and batch counts, tasks, ``task_chunk``, the
     patch spec (parsed here, once). Returns the task chunk and the spec."""
-    for key in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
-                "eval_batch_size", "stats_images"):
-        if config[key] < 1:
-            raise ConfigError(f"config.{key}={config[key]} must be at least 1")
-    if config.eval_every < 0:
-        raise ConfigError(f"config.eval_every={config.eval_every}: use 0 (only at the end) or a "
-                          "positive number of steps")
+    check_ranges(config)
     for t in config.tasks:
         check_name(t.name, f"task {t.dataset!r}: its name (config.tasks[].name)",
                    error=ConfigError)

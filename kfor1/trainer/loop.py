@@ -38,7 +38,7 @@ from kfor1.trainer.evaluate import evaluate, group_batches
 from kfor1.trainer.experiment import Setup, setup
 from kfor1.trainer.health import Guard, Interrupted, stop_signals
 from kfor1.trainer.metrics import MetricsLog, eval_scalars, summary, train_scalars
-from kfor1.trainer.workdir import Workdir, export_patches, locked, save_run
+from kfor1.trainer.workdir import Workdir, check_resume, export_patches, locked, save_run
 
 __all__ = ["TrainingError", "train"]
 
@@ -77,6 +77,7 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
     ckpt = Checkpointer(wd.checkpoints, keep=config.keep_checkpoints)
     start = 0
     if ckpt.latest_step() is not None:
+        check_resume(s, wd)  # Before anything of the run is read or written.
         state = ckpt.restore(state, quarantine=True,
                              frozen=state.layout.frozen_paths(config.train_shared))
         start = int(jax.device_get(state.step))
@@ -92,7 +93,7 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
 
     model = s.model.clone(num_classes=state.layout.max_classes)
     step_fn = make_train_step(model, s.optimizer, train_shared=config.train_shared,
-                              task_chunk=s.task_chunk)
+                              task_chunk=s.task_chunk, label_smoothing=config.label_smoothing)
     eval_step = make_eval_step(model)
     groups = resolution_groups(state.layout)
     iterators = _train_iterators(s, start)

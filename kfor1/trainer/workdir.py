@@ -174,6 +174,47 @@ def save_run(s: Setup, workdir: str | Workdir) -> None:
     atomic_write(workdir.tasks, json.dumps(tasks, indent=2))
 
 
+# What defines a run: resuming with any of these changed would mix two runs in one workdir.
+IDENTITY = ("model", "weights", "patch", "patch_rules", "head", "train_shared")
+
+
+def check_resume(s: Setup, workdir: str | Workdir) -> None:
+    """Refuses to resume the run in ``workdir`` with a config that defines another run: its
+    model, weights, patch, datasets, task names, resolutions or class names differ from what the
+    run saved. Called before anything is written (a resume that only checked shapes used to
+    overwrite config.json, mix both datasets in metrics.jsonl and export the old weights under
+    the new task's name). Schedule, logging and step counts may change."""
+    workdir = as_workdir(workdir)
+    if not os.path.exists(workdir.config):
+        return  # A run from before config.json: nothing to compare.
+    what = f"run {workdir.root}: {CONFIG_FILE}"
+    saved = read_json(workdir.config, what, inside=workdir.root, error=WorkdirError)
+    now = json.loads(s.config.to_json_best_effort())
+    if not isinstance(saved, dict):
+        raise WorkdirError(f"{what} is not a kfor1 run's config; restore it from the run")
+    diffs = [f"{key} {saved.get(key)!r} -> {now.get(key)!r}" for key in IDENTITY
+             if saved.get(key) != now.get(key)]
+
+    def tasks(config: dict) -> list:
+        return [(t.get("name"), t.get("dataset"), t.get("resolution"))
+                for t in config.get("tasks", []) if isinstance(t, dict)]
+
+    if tasks(saved) != tasks(now):
+        diffs.append(f"tasks (name, dataset, resolution) {tasks(saved)} -> {tasks(now)}")
+    elif os.path.exists(workdir.tasks):
+        recorded = read_json(workdir.tasks, f"run {workdir.root}: {TASKS_FILE}",
+                             inside=workdir.root, error=WorkdirError)
+        for old, t in zip(recorded if isinstance(recorded, list) else [], s.tasks):
+            names = list(t.info.class_names)
+            if isinstance(old, dict) and old.get("class_names") != names:
+                diffs.append(f"task {t.task.name!r} class names {old.get('class_names')} -> "
+                             f"{names}")
+    if diffs:
+        raise WorkdirError(
+            f"--workdir {workdir.root} holds another run (" + "; ".join(diffs)[:400] + "); "
+            "resuming would mix the two: use a new --workdir, or resume with the run's own config")
+
+
 def load_config(workdir: str | Workdir, model: str | None = None) -> ml_collections.ConfigDict:
     """The config a ``kfor1 train`` run saved in ``workdir``, read as hostile input: bounded,
     inside the workdir, and its model kfor1's or registered unless the user names the same
