@@ -21,10 +21,13 @@ from kfor1.trainer.experiment import setup
 from kfor1.trainer.loop import train
 from kfor1.tree import flatten
 
+# A user model: its patches name it, so loading them names it too (issue 31).
+USER_MODEL = "tests.user_model:factory"
+
 
 def _config(**overrides):
     c = base_config()
-    c.model = "tests.user_model:factory"
+    c.model = USER_MODEL
     c.patch = "stats+logits"
     c.tasks = [task("digits", resolution=32)]
     c.num_steps, c.batch_size, c.warmup_steps = 6, 8, 1
@@ -89,7 +92,7 @@ def test_training_keeps_the_estimated_statistics_and_the_backbone(tmp_path):
     s = setup(_config())
     estimated = flatten(task_variables(reestimate_stats(s, s.init_state()), 0)["batch_stats"])
     summary = train(_config(), str(tmp_path / "run"))
-    trained = load_patched(summary["tasks"]["digits"]["patch_dir"])
+    trained = load_patched(summary["tasks"]["digits"]["patch_dir"], model=USER_MODEL)
     stats = flatten(trained.variables["batch_stats"])
     base = flatten(s.base.variables["batch_stats"])
     for path, value in estimated.items():
@@ -107,8 +110,8 @@ def test_a_resumed_stats_run_ends_as_an_uninterrupted_one(tmp_path):
     assert train(_config(), str(tmp_path / "parts"), stop_at_step=2) == {"stopped_at_step": 2}
     resumed = train(_config(), str(tmp_path / "parts"))
     assert resumed["tasks"]["digits"]["accuracy"] == whole["tasks"]["digits"]["accuracy"]
-    a = load_patched(whole["tasks"]["digits"]["patch_dir"]).variables
-    b = load_patched(resumed["tasks"]["digits"]["patch_dir"]).variables
+    a = load_patched(whole["tasks"]["digits"]["patch_dir"], model=USER_MODEL).variables
+    b = load_patched(resumed["tasks"]["digits"]["patch_dir"], model=USER_MODEL).variables
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 

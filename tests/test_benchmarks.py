@@ -338,3 +338,18 @@ def test_adabn_layers_first_layer_is_the_first_called():
     np.testing.assert_allclose(after["z_stem/mean"], np.asarray(x).mean((0, 1, 2)), rtol=1e-4)
     np.testing.assert_array_equal(after["a_block/mean"], before["a_block/mean"])
     np.testing.assert_array_equal(after["a_block/var"], before["a_block/var"])
+
+
+def test_hostile_files_tiny(trained_run, tmp_path, capsys):
+    """``python -m benchmarks.faults.hostile_files`` on three of its cases (issue 31): a model
+    name that would import a file beside the patch, a weights file linked to /dev/zero, and
+    class names with terminal escapes (which predict, escaped). None runs code or goes silent."""
+    hostile = importlib.import_module("benchmarks.faults.hostile_files")
+    out = tmp_path / "hostile.json"
+    patch = trained_run[0] / "patches" / "colours"
+    cases = "model_names_a_file_beside_it,msgpack_links_to_dev_zero,class_names_terminal_escapes"
+    assert hostile.main(["--patch", str(patch), "--cases", cases, "--json", str(out)]) == 0
+    counts = json.loads(out.read_text())["counts"]
+    assert counts == {"cases": 3, "clean error": 2, "safe result": 1, "silent result": 0,
+                      "code run": 0, "crash": 0}
+    assert "cases: 3  clean error: 2" in capsys.readouterr().out

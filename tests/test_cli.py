@@ -71,7 +71,7 @@ def test_help_config_prints_fields_values_and_meanings(tmp_path, capsys):
     assert cli.main(["train", "--config", f"{REPO}/configs/transfer.py:dataset=digits",
                      "--config.num_steps=7", "--workdir", str(workdir), "--help-config"]) == 0
     out = capsys.readouterr().out
-    assert "num_steps = 7\n    Training steps" in out  # The override, and what it means.
+    assert "num_steps = 7  (an integer >= 1)\n    Training steps" in out  # Value, range, meaning.
     assert "learning_rate.scale_bias = " in out and "tasks = [{'dataset': 'digits'" in out
     assert not workdir.exists()  # Nothing trained, nothing written.
 

@@ -68,7 +68,7 @@ def _patch_cases(patch: Path, root: Path) -> dict[str, tuple[list[str], str]]:
         "patch_json_is_a_list": (edited("as_list", lambda m: [m]), "patch"),
         "patch_without_base": (edited("no_base", without_base), "base"),
         "patch_format_version_a_string": (
-            edited("version_str", lambda m: {**m, "format_version": "1"}), "format_version"),
+            edited("version_str", lambda m: {**m, "format_version": "1"}), "corrupt"),
         "patch_num_classes_do_not_fit": (edited("classes", lambda m: {**m, "num_classes": 7}),
                                          "corrupt"),
         "patch_fewer_class_names": (

@@ -103,13 +103,14 @@ def test_a_dataset_with_one_class_is_refused(tmp_path):
         setup(config)
 
 
-def test_predict_refuses_model_with_patch(trained_run, tmp_path, capsys):
+def test_predict_refuses_another_model_than_the_patch_records(trained_run, tmp_path, capsys):
     workdir, _ = trained_run
     image = tmp_path / "x.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
     code = cli.main(["predict", "--model", "nonexistent", "--patch",
                      str(workdir / "patches" / "colours"), str(image)])
-    assert code == 2 and "--model nonexistent with --patch" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "records model 'efficientnet_lite0', not 'nonexistent' (--model" in err
 
 
 def test_quickstart_takes_its_argument():
@@ -126,7 +127,8 @@ def test_a_refused_resume_leaves_config_json_as_it_was(trained_run, tmp_path, co
     copy = shutil.copytree(workdir, tmp_path / "run")
     before = (copy / "config.json").read_bytes()
     changed = run_config(colours, patch="depthwise+logits")
-    with pytest.raises(ValueError, match="does not fit this run's model, patch"):
+    with pytest.raises(ValueError, match="holds another run .patch 'scale_bias.logits' -> "
+                       "'depthwise.logits'"):
         train(changed, str(copy))
     assert (copy / "config.json").read_bytes() == before
 

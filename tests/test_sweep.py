@@ -88,9 +88,9 @@ def test_the_test_split_is_never_opened_before_the_final_evaluations(tmp_path, m
                                  "final evaluations")
         return real_load(source, split, **kwargs)
 
-    def evaluate_workdir(workdir, step=None):
+    def evaluate_workdir(workdir, step=None, **kwargs):
         final.append(Path(workdir).name)
-        return real_evaluate(workdir, step)
+        return real_evaluate(workdir, step, **kwargs)
 
     monkeypatch.setattr(kfor1.data, "load_source", load_source)
     monkeypatch.setattr(sweep_module, "evaluate_workdir", evaluate_workdir)

@@ -81,10 +81,10 @@ def test_nan_loss_stops_with_advice_and_keeps_the_last_checkpoint(colours, tmp_p
     "overrides, message",
     [
         ({"patch": "scale_bais"}, "unknown patch preset"),
-        ({"optimizer": "adagrad"}, "use adamw, adam or sgd"),
-        ({"schedule": "step"}, "use cosine, constant or onecycle"),
+        ({"optimizer": "adagrad"}, "use one of adamw, adam, sgd"),
+        ({"schedule": "step"}, "use one of cosine, constant, onecycle"),
         ({"num_steps": 0}, "is out of range: use an integer >= 1"),
-        ({"task_chunk": -2}, r"use 0 \(auto\), -1 \(all tasks at once\)"),
+        ({"task_chunk": -2}, r"use an integer: 0 \(auto\), -1 \(all tasks at once\)"),
         ({"batch_size": 3, "mesh.tasks": 4, "mesh.data": 2},
          "batch_size=3 does not split over the mesh's 2-way"),
     ],

@@ -263,8 +263,8 @@ def check_named_by_file(name: Any, what: str, named_by_user: str | None = None) 
     if named_by_user is not None:
         if named_by_user != name:
             raise UnknownModelError(
-                f"{what} records model {name!r}, not {named_by_user!r}; name the model it "
-                "records (or leave the model out for kfor1's own models)")
+                f"{what} records model {name!r}, not {named_by_user!r} (--model, model=); name "
+                "the model it records, or leave it out for kfor1's own models")
         return name
     if name in MODELS or name in _USER_MODELS:
         return name

@@ -206,6 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `kfor1 ... | head` stopped reading: not an error of kfor1's.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Exit's flush is quiet.
+        return 0
     except OSError as exc:  # A full or read-only disk is the user's to fix; others are bugs.
         import errno
 

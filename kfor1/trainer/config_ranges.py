@@ -72,7 +72,8 @@ ALLOWED: dict[str, Allowed] = {
     "patch_rules": anything("(regex, label) rules"),
     "head": anything("a module path, or '' for the last Dense layer"),
     "train_shared": one_of("True", "False"),
-    "task_chunk": number(-1, integer=True),
+    "task_chunk": Allowed("an integer: 0 (auto), -1 (all tasks at once) or n >= 1 (tasks a "
+                          "chunk)", number(-1, integer=True).ok),
     "tasks": anything("task(dataset, name, resolution, init_patch) entries"),
     "data_dir": anything("a folder, or ''"),
     "skip_bad_images": one_of("True", "False"),
