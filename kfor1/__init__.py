@@ -36,6 +36,10 @@ import os
 # noise before every command's output. kfor1 runs no TensorFlow convolution or matrix product, so
 # oneDNN's kernels do nothing for it; a user who sets the variable keeps their value.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+# TensorFlow's C++ warnings (an image that fails to decode inside tf.data logs its whole Python
+# traceback at WARNING, before kfor1 reports the file in one line) are not the user's to read;
+# errors still show. Also a default only.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from kfor1 import layers, microbatch, models
 from kfor1.errors import TrainingError, UserError

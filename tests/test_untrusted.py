@@ -434,3 +434,25 @@ def test_a_resume_with_more_steps_is_the_same_run(trained_run, colours, tmp_path
     workdir = Path(shutil.copytree(trained_run[0], tmp_path / "run"))
     train(run_config(colours, num_steps=8, log_every=4), str(workdir))
     assert metrics(workdir)[-1]["step"] == 8
+
+
+def test_an_undecodable_image_is_one_line_without_tensorflows_traceback(colours, tmp_path):
+    """TensorFlow logged the decoder's Python traceback (about 20 lines, from C++, so only a
+    fresh process without TF_CPP_MIN_LOG_LEVEL shows it) before kfor1's one line."""
+    import subprocess
+    import sys
+
+    data = Path(shutil.copytree(colours, tmp_path / "data"))
+    (data / "train" / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 9)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run(
+        [sys.executable, "-m", "kfor1", "train", "--config",
+         f"configs/transfer.py:dataset=folder:{data},resolution=32", "--workdir",
+         str(tmp_path / "run"), "--config.num_steps=1", "--config.batch_size=8",
+         "--config.eval_batch_size=8"],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+        timeout=600)
+    lines = [line for line in done.stderr.splitlines() if line.strip()
+             and not line.startswith("WARNING: All log messages before absl")]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: 1 of") and "broken.png" in lines[0]
