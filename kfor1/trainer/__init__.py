@@ -4,8 +4,9 @@ imports it (``tests/test_house.py`` fails if anything outside this package does,
 
 In the order a run reads:
 
-- ``config``, ``config_help``, ``flags``: the ml_collections defaults, what each field means
-  (``--help-config``), ``--config.FIELD=VALUE`` overrides;
+- ``config``, ``config_ranges``, ``config_help``, ``flags``: the ml_collections defaults, every
+  field's allowed values, what each field means (``--help-config``), ``--config.FIELD=VALUE``
+  overrides;
 - ``experiment``: a config resolved into a base, tasks, a spec, labels, an optimiser and a mesh;
   ``dryrun`` checks that much without reading weights or data;
 - ``adabn``: each task's BatchNorm statistics estimated before training (``stats`` patches);
@@ -14,7 +15,8 @@ In the order a run reads:
   orbax checkpoints, the per-step health check and stop signals;
 - ``workdir``: the run directory's layout and lock; eval and export from it;
 - ``sweep``, ``sweep_report``: every patch over a learning-rate grid, chosen on validation;
-- ``cli``, ``compile_cache``: the ``kfor1`` command and JAX's persistent compilation cache.
+- ``cli``, ``cli_files``, ``compile_cache``: the ``kfor1`` command (``cli_files``: the commands
+  that read files others may have written) and JAX's persistent compilation cache.
 
 May import: anything in kfor1.
 """

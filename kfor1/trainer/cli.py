@@ -1,12 +1,13 @@
 """The ``kfor1`` command line: ``train``, ``sweep``, ``eval``, ``export``, ``predict``, ``params``.
 
 Each command is a pair in ``COMMANDS``: ``_add_<name>`` (its arguments) and ``_run_<name>`` (its
-action). ``train`` and ``sweep`` take an ml_collections config file and absl-style overrides
-(``--config.KEY=VALUE``, type-checked against the locked config), which argparse cannot express,
-so ``main`` parses them with absl before argparse sees them. ``python -m launch.<name>`` runs the
-same commands from a source checkout. Mistakes a user can make (``kfor1.errors.USER_ERRORS``)
-print one ``error: ...`` line and exit with status 2, whichever entry point ran them; anything
-else is a bug and keeps its traceback.
+action); ``eval``, ``export`` and ``predict``, which read files others may have written, have
+theirs in ``kfor1.trainer.cli_files``. ``train`` and ``sweep`` take an ml_collections config
+file and absl-style overrides (``--config.KEY=VALUE``, type-checked against the locked config),
+which argparse cannot express, so ``main`` parses them with absl before argparse sees them.
+``python -m launch.<name>`` runs the same commands from a source checkout. Mistakes a user can
+make (``kfor1.errors.USER_ERRORS``) print one ``error: ...`` line and exit with status 2,
+whichever entry point ran them; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
