@@ -7,6 +7,7 @@ The scripts run as modules from the repository root (``python -m benchmarks.suit
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -41,6 +42,17 @@ def machine_line() -> str:
     m = machine()
     return (f"device: {m['device']} ({m['platform']}) x{m['device_count']}, {m['cpu_count']} CPU "
             f"cores ({m['processor']}), jax {m['jax_version']}, python {m['python']}")
+
+
+def cell_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the arguments that name one cell of a benchmark: ``--model``,
+    ``--resolution``, ``--batch`` (Lite0, 128 px, 32 images) and ``--json``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    return parser
 
 
 def tiny_compiler_options(tiny: bool) -> dict[str, Any] | None:

@@ -41,7 +41,7 @@ from typing import Any
 
 import jax
 
-from benchmarks.common import write_json
+from benchmarks.common import cell_parser, write_json
 from benchmarks.profiles.torch_ops import profile_torch_path
 from benchmarks.suite.bench import PATCH, Bench
 from benchmarks.suite.sections import analytic_macs, matmul_peak
@@ -183,12 +183,8 @@ def side_by_side(kfor1: Sequence[dict[str, Any]], pytorch: Sequence[dict[str, An
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="efficientnet_lite0")
-    parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=32)
+    parser = cell_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="traced steps per path")
-    parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--no-torch", action="store_true",
                         help="profile kfor1 only (by default PyTorch's same paths too)")
     parser.add_argument("--tiny", action="store_true", help="32 px, batch 2, 1 step")

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import (
+    cell_parser,
     machine,
     machine_line,
     time_steps,
@@ -172,14 +173,10 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="efficientnet_lite0")
-    parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=32)
+    parser = cell_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=5, help="steps per timed repetition")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps (compile included)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument(
         "--tiny", action="store_true",
         help="resolution 32, batch 2, 1 step, 1 warmup, 1 repeat, unoptimised compilation: "
