@@ -131,3 +131,66 @@ def test_a_frozen_backbone_that_differs_from_the_base_is_refused(stopped_run):
         jax.tree.map(np.testing.assert_array_equal, ok.params, state.params)
     finally:
         ckpt.close()
+
+
+def test_checkpoints_deleted_while_the_run_saves_cost_one_warning_each_and_the_run_ends(
+        colours, tmp_path, monkeypatch, capfd):
+    """Issue 31: deleting ``checkpoints/`` during a run printed ~860 lines of orbax and asyncio
+    tracebacks. Now each deletion is one warning naming the directory and the lost step; the
+    run ends with its patches, and its last checkpoint is on disk and restores."""
+    original = Checkpointer.save
+
+    def save_then_delete(self, state, force=False):
+        original(self, state, force)
+        if int(state.step) in (3, 5):  # 3: while its save is in flight; 5: again, once more.
+            while Path(self.directory).exists():
+                shutil.rmtree(self.directory, ignore_errors=True)
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_delete)
+    workdir = tmp_path / "run"
+    config = run_config(colours, num_steps=8, checkpoint_every=1)
+    train(config, str(workdir))
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 2, err
+    for line, step in zip(lines, (3, 5)):
+        assert line.startswith(f"warning: {workdir / 'checkpoints'} was deleted"), line
+        assert f"step {step} is lost" in line
+    assert (workdir / "summary.json").exists()
+    _, state = restore(str(workdir))
+    assert int(state.step) == 8
+
+
+def test_the_quieted_noise_is_only_the_failed_saves(tmp_path, monkeypatch, caplog):
+    """``OrbaxNoise`` drops closed-event-loop callbacks only while a save is failing, and
+    asyncio records only if they name the checkpoint directory: other errors still print."""
+    import logging
+    import sys
+    import types
+
+    from kfor1.trainer.orbax_noise import OrbaxNoise
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: seen.append(str(info.exc_value)))
+    failing = {"now": False}
+    noise = OrbaxNoise(str(tmp_path), lambda: failing["now"])
+    noise.install()
+
+    def unraisable(message):
+        return types.SimpleNamespace(exc_value=RuntimeError(message), exc_type=RuntimeError,
+                                     exc_traceback=None, err_msg=None, object=None)
+    try:
+        sys.unraisablehook(unraisable("Event loop is closed"))  # Not failing: passed on.
+        failing["now"] = True
+        sys.unraisablehook(unraisable("Event loop is closed"))  # Failing: dropped.
+        sys.unraisablehook(unraisable("something else"))  # Passed on.
+        with caplog.at_level(logging.ERROR):
+            log = logging.getLogger("asyncio")
+            log.error("Future exception was never retrieved: %s", tmp_path / "3")
+            log.error("Future exception was never retrieved: /elsewhere")
+    finally:
+        noise.remove()
+    assert seen == ["Event loop is closed", "something else"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "Future exception was never retrieved: /elsewhere"]
+    assert sys.unraisablehook != noise._unraisable

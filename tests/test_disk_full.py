@@ -17,7 +17,7 @@ import pytest
 
 from kfor1.files import atomic as files
 from kfor1.files.atomic import DiskFullError, check_free_space, is_disk_full
-from kfor1.trainer.checkpoint import Checkpointer
+from kfor1.trainer.checkpoint import SENTINEL, Checkpointer
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = [sys.executable, "-m", "launch.train", "--config",
@@ -47,7 +47,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_before_writing(tmp_path, monk
         with pytest.raises(DiskFullError, match=r"checkpoint of step 2 needs about 3\.8 MB .* "
                                                 r"3\.0 MB free; free space"):
             ckpt.save(_state(1_000_000))  # 4 MB of float32.
-        assert os.listdir(tmp_path / "checkpoints") == []  # Nothing half-written.
+        assert os.listdir(tmp_path / "checkpoints") == [SENTINEL]  # Nothing half-written.
         ckpt.save(_state(1000))  # 4 kB fits.
         ckpt.wait()
         assert ckpt.latest_step() == 2

@@ -11,11 +11,17 @@ restore checks the files first (before TensorStore reads a broken one), then re-
 read and checks the frozen backbone against the base it was trained on. A corrupt latest
 checkpoint falls back to the previous one with a warning (and is moved aside, so the step can
 be saved again); a corrupt checkpoint asked for by step is an error naming it.
+
+A checkpoint directory deleted while the run writes into it (to free space, by a cleanup job)
+loses the save in flight and nothing else: a warning says so, the directory is made again and
+the next save (or the end of the run) writes a checkpoint there; what orbax and TensorStore
+print about the failed save is dropped (``kfor1.trainer.orbax_noise``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -32,9 +38,11 @@ import orbax.checkpoint as ocp
 from kfor1.errors import UserError
 from kfor1.files.atomic import DiskFullError, atomic_write, check_free_space, is_disk_full
 from kfor1.multitask.state import MultiTaskState
+from kfor1.trainer.orbax_noise import OrbaxNoise
 from kfor1.tree import flatten
 
 DIGEST_KEY = "kfor1_sha256"
+SENTINEL = ".kfor1"  # In the checkpoint directory: gone if the directory was deleted.
 FILES = "kfor1_files.json"  # In each finished step's directory: its files' sizes and hashes.
 
 
@@ -91,11 +99,52 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3):
         self.directory = os.path.abspath(os.fspath(directory))
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        )
+        self._keep = keep
         self._unsealed: set[int] = set()  # Steps this checkpointer saved, not yet sealed.
+        self._abandoned: list[ocp.CheckpointManager] = []  # Managers of a deleted directory.
+        self._manager = self._open()
+        self._noise = OrbaxNoise(self.directory, lambda: bool(self._abandoned) or self._deleted())
+        self._noise.install()
+
+    def _deleted(self) -> bool:
+        """Whether the directory was deleted (and maybe made again) since it was opened."""
+        return not os.path.exists(os.path.join(self.directory, SENTINEL))
+
+    def _open(self) -> ocp.CheckpointManager:
+        manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True),
+        )
+        # An inode number is reused by a directory made again; a file inside it is not.
+        with contextlib.suppress(OSError):  # A read-only workdir: only restores follow.
+            open(os.path.join(self.directory, SENTINEL), "a", encoding="utf-8").close()
+        return manager
+
+    def _finish_pending(self) -> bool:
+        """Waits for the saves in flight and seals them. Returns False when the directory was
+        deleted under them: they are lost (``_recover``)."""
+        try:
+            self._manager.wait_until_finished()
+            self._seal()
+        except Exception as e:
+            if is_disk_full(e) or not self._deleted():
+                raise
+        return self._recover() if self._deleted() else True
+
+    def _recover(self) -> bool:
+        """After the directory was deleted: a new manager (and directory), and a warning that
+        names the lost steps. Returns False if a save was lost."""
+        lost = sorted(self._unsealed)
+        self._unsealed.clear()
+        # Not closed: its failed save's TensorStore callbacks would land on a closed event loop.
+        self._abandoned.append(self._manager)
+        self._noise.failed()
+        self._manager = self._open()
+        what = (f"the checkpoint of step {', '.join(map(str, lost))} is lost" if lost
+                else "its earlier checkpoints are gone")
+        print(f"warning: {self.directory} was deleted while the run wrote into it; {what}, "
+              "and checkpoints are written there again from the next save", file=sys.stderr)
+        return not lost
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -112,12 +161,17 @@ class Checkpointer:
         what = f"the checkpoint of step {step}"
         with _disk_full_as_one_line(self.directory, what, fix):
             # The previous save's bytes must be on disk before the free space means anything.
-            self._manager.wait_until_finished()
-            self._seal()
-            check_free_space(self.directory, _nbytes(tree), what, fix)
-            self._manager.save(step, args=ocp.args.StandardSave(tree), force=force,
-                               custom_metadata={DIGEST_KEY: digest(tree)})
-            self._unsealed.add(step)
+            self._finish_pending()
+            try:
+                check_free_space(self.directory, _nbytes(tree), what, fix)
+                self._manager.save(step, args=ocp.args.StandardSave(tree), force=force,
+                                   custom_metadata={DIGEST_KEY: digest(tree)})
+                self._unsealed.add(step)
+            except Exception as e:
+                if is_disk_full(e) or isinstance(e, DiskFullError) or not self._deleted():
+                    raise
+                self._unsealed.add(step)
+                self._recover()
 
     def restore(
         self, template: MultiTaskState, step: int | None = None, *,
@@ -200,11 +254,11 @@ class Checkpointer:
             print(f"warning: moved the corrupt checkpoint to {aside}", file=sys.stderr)
         self._manager.reload()
 
-    def wait(self) -> None:
+    def wait(self) -> bool:
+        """Waits for the saves in flight; False if they were lost (the directory was deleted)."""
         with _disk_full_as_one_line(self.directory, "a checkpoint",
                                     "free space or train in a --workdir on another disk"):
-            self._manager.wait_until_finished()
-            self._seal()
+            return self._finish_pending()
 
     def _seal(self) -> None:
         """Writes each finished step's file manifest (``FILES``: path -> size and SHA-256), so
@@ -242,11 +296,19 @@ class Checkpointer:
                 raise CheckpointCorruptError(f"{where} is corrupt ({path} was changed after it "
                                              "was written)")
 
-    def close(self) -> None:
+    def close(self, state: MultiTaskState | None = None) -> None:
+        """Finishes the saves in flight and closes the manager. ``state``: the run's last state
+        (not donated to a later step), saved again, synchronously, if its save was lost."""
         try:
-            self.wait()
+            if not self.wait() and state is not None:
+                self.save(state)
+                self.wait()
         finally:
             self._manager.close()
+            if self._abandoned:  # Their failed writes are reported as they are freed: now.
+                self._abandoned.clear()
+                gc.collect()
+            self._noise.remove()
 
 
 def _file_hashes(step_dir: str) -> dict[str, tuple[int, str]]:

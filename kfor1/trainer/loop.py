@@ -149,7 +149,7 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
         raise
     finally:
         progress.close()
-    ckpt.close()
+    ckpt.close(state)  # A last checkpoint lost to a deleted directory is written again.
     if end < config.num_steps:
         metrics_log.close()
         return {"stopped_at_step": end}
