@@ -85,7 +85,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_space(small_d
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr[-2000:]
     assert done.stderr.startswith("error: disk full: the checkpoint of step 4 needs about")
     assert "the run resumes from step 2" in done.stderr
-    assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]
+    assert sorted(os.listdir(workdir / "checkpoints")) == [SENTINEL, "2"]
 
     # The checkpoint written before the disk filled is whole: the run resumes from it (a rerun
     # that then trains to the end is what tests/test_train.py's resume tests do).
