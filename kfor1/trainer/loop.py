@@ -37,6 +37,7 @@ from kfor1.trainer.checkpoint import Checkpointer
 from kfor1.trainer.evaluate import evaluate, group_batches
 from kfor1.trainer.experiment import Setup, setup
 from kfor1.trainer.health import Guard, Interrupted, stop_signals
+from kfor1.trainer.memory import check_step_memory
 from kfor1.trainer.metrics import MetricsLog, eval_scalars, summary, train_scalars
 from kfor1.trainer.workdir import Workdir, check_resume, export_patches, locked, save_run
 
@@ -101,6 +102,11 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
     names = [t.task.name for t in s.tasks]
     end = config.num_steps if stop_at_step is None else min(stop_at_step, config.num_steps)
 
+    first = None
+    if start < end:  # Compiled now, so that a step that cannot fit is refused before it runs.
+        first = group_batches([next(it) for it in iterators], groups, s.mesh)
+        step_fn = _compile(s, step_fn, state, first, key)
+
     metrics_log = MetricsLog(wd.metrics, wd.root, start)
     progress = _progress(config, start, end)
     images, clock = 0, time.perf_counter()
@@ -109,13 +115,16 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
     try:
         with stop_signals() as stop:
             for step in range(start + 1, end + 1):
-                batch = group_batches([next(it) for it in iterators], groups, s.mesh)
+                if first is not None:
+                    batch, first = first, None
+                else:
+                    batch = group_batches([next(it) for it in iterators], groups, s.mesh)
                 state, metrics = step_fn(state, batch, jax.random.fold_in(key, step))
                 # The previous step's health, read while this one runs: no stall per step.
                 guard.check()
                 guard.push(step, metrics, state)
                 if step == start + 1:
-                    # This process's first step compiles: images/s starts once it is done.
+                    # The first step warms up (allocations, caches): images/s starts after it.
                     jax.block_until_ready(metrics)
                     images, clock = 0, time.perf_counter()
                 else:
@@ -172,6 +181,20 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
     with open(wd.summary, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=2)
     return out
+
+
+def _compile(s: Setup, step_fn: Any, state: Any, batch: Any, key: jax.Array) -> Any:
+    """The train step compiled for these shapes (what its first call would compile), its
+    memory checked against what the machine has (``kfor1.trainer.memory``)."""
+    compiled = step_fn.lower(state, batch, jax.random.fold_in(key, 0)).compile()
+    sizes = sorted({t.task.resolution for t in s.tasks})
+    check_step_memory(
+        compiled,
+        f"the training step ({len(s.tasks)} task(s) x {s.config.batch_size} images at "
+        f"{'/'.join(map(str, sizes))} px)",
+        "lower config.batch_size or the tasks' resolution" + (
+            ", or set config.task_chunk (tasks run at a time)" if len(s.tasks) > 1 else ""))
+    return compiled
 
 
 def _train_iterators(s: Setup, start_step: int) -> list[Iterator[dict[str, np.ndarray]]]:
