@@ -36,7 +36,8 @@ from benchmarks.common import ROOT, write_json
 
 CASES = ("kill9_random_step", "kill9_random_step_2", "kill9_random_step_3",
          "kill9_during_checkpoint_write", "sigint", "sigterm", "nan_at_step",
-         "checkpoint_bytes_flipped", "checkpoint_file_truncated", "patch_bytes_flipped")
+         "checkpoint_bytes_flipped", "checkpoint_file_truncated", "patch_bytes_flipped",
+         "checkpoints_deleted_during_write")
 
 # Runs the trainer with every parameter multiplied by NaN after step KFOR1_NAN_AT_STEP (a
 # fault, injected where the step function is built; training itself is unchanged).
@@ -86,15 +87,16 @@ def logged_steps(workdir: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def run_until(cmd: list[str], ready, sig: int, timeout: float = 900) -> tuple[int, str, bool]:
-    """Starts ``cmd``, sends ``sig`` once ``ready()`` is true; (exit status, stderr, sent)."""
+def run_until(cmd: list[str], ready, sig, timeout: float = 900) -> tuple[int, str, bool]:
+    """Starts ``cmd``, sends ``sig`` once ``ready()`` is true (or calls it, if it is a
+    function); (exit status, stderr, sent)."""
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                                 stderr=err, text=True)
         sent, start = False, time.time()
         while proc.poll() is None and time.time() - start < timeout:
             if not sent and ready():
-                proc.send_signal(sig)
+                sig() if callable(sig) else proc.send_signal(sig)
                 sent = True
             time.sleep(0.002)
         proc.wait()
@@ -163,6 +165,26 @@ def run_case(name: str, root: Path, steps: int, reference, rng: random.Random) -
         out["detail"] = done.stderr.strip().splitlines()[-1][:110] if done.stderr else ""
         return out
 
+    def writing() -> bool:
+        d = workdir / "checkpoints"
+        return d.exists() and any("tmp" in p.name for p in d.iterdir())
+
+    if name == "checkpoints_deleted_during_write":  # The run goes on: it must end as usual.
+        def delete() -> None:
+            while (workdir / "checkpoints").exists():
+                shutil.rmtree(workdir / "checkpoints", ignore_errors=True)
+        code, err, sent = run_until(cmd, writing, delete)
+        lines = [x for x in err.splitlines() if x.strip()]
+        out["clean_error"] = (code == 0 and 1 <= len(lines) <= 2 and all(
+            x.startswith("warning:") for x in lines))
+        got = result(workdir)
+        out["exact_resume"] = got == reference
+        out["silent"] = code == 0 and got != reference
+        out["lost"] = got is None or not checkpoints(workdir)
+        out["detail"] = (lines[0][:110] if lines else "no warning") + (
+            "" if sent else "; the write was not caught")
+        return out
+
     before: set[str] = set()
     if name.startswith("kill9_random"):
         at = rng.randint(1, steps - 1)
@@ -170,9 +192,6 @@ def run_case(name: str, root: Path, steps: int, reference, rng: random.Random) -
         before = checkpoints(workdir)
         out["detail"] = f"killed after step {at}"
     elif name == "kill9_during_checkpoint_write":
-        def writing() -> bool:
-            d = workdir / "checkpoints"
-            return d.exists() and any("tmp" in p.name for p in d.iterdir())
         code, err, sent = run_until(cmd, writing, signal.SIGKILL)
         before = checkpoints(workdir)
         out["detail"] = ("killed while writing a checkpoint" if sent
