@@ -9,6 +9,7 @@ MobileNetV2 (width 0.35) at 32 px.
 from __future__ import annotations
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -362,3 +363,64 @@ def test_eval_step_counts_only_masked_in_examples(tiny):
         correct = (jnp.argmax(logits, -1) == batch["labels"][k, :2]).sum()
         chex.assert_trees_all_close(masked["loss_sum"][k], loss.sum(), **TOL)
         assert float(masked["correct"][k]) == float(correct)
+
+
+class _OwnedOnBatchStatistics(TinyCNN):
+    """TinyCNN as a patch that owns only ``owned``'s statistics must train it: that layer on
+    batch statistics, the others on the base's running statistics."""
+
+    owned: str = "stem_bn"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        def bn(name):
+            return nn.BatchNorm(use_running_average=name != self.owned, momentum=0.9, name=name)
+        x = nn.Conv(self.channels, (3, 3), strides=2, use_bias=False, name="stem")(x)
+        x = nn.relu(bn("stem_bn")(x))
+        x = nn.Conv(self.channels, (3, 3), feature_group_count=self.channels, use_bias=False,
+                    name="dw")(x)
+        x = nn.relu(bn("dw_bn")(x))
+        x = nn.Conv(16, (1, 1), name="pw")(x)
+        x = nn.relu(bn("pw_bn")(x))
+        return nn.Dense(self.num_classes, name="head")(x.mean((1, 2)))
+
+
+@pytest.mark.parametrize("owned", ["stem_bn", "pw_bn"])
+@pytest.mark.parametrize("step_kind", ["train", "stats"])
+def test_a_partial_statistics_patch_trains_the_network_it_ships(tiny, step_kind, owned):
+    """Issue 36: a patch that owns some BatchNorm statistics and trains below the head ran
+    every BatchNorm on batch statistics, so layers whose statistics stay the base's were
+    trained on statistics that evaluation never uses (``input_stats+depthwise+logits``: 10% on
+    digits). Each layer now runs as its statistics' owner implies, in the train and the
+    statistics steps; the base's statistics are left as they were."""
+    from kfor1.multitask.step import make_stats_step
+
+    rules = [("head/.*", "patch:logits"), ("dw/kernel", "patch:depthwise"),
+             (f"{owned}/.*", "patch:stats"), (".*", "shared")]
+    optimizer, state = build_state(tiny, rules, [Task("a", 5)], tx=optax.sgd(0.0))
+    batch = make_batch(0, (5,))
+    reference = _OwnedOnBatchStatistics(5, owned=owned)
+    logits, updates = reference.apply(task_variables(state, 0), batch["images"][0],
+                                      mutable=["batch_stats"])
+    expected_stats = flatten(updates["batch_stats"])
+    if step_kind == "train":
+        step = make_train_step(TinyCNN(5), optimizer, donate=False)
+        new_state, metrics = step(state, batch, jax.random.key(0))
+        expected = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"][0])
+        np.testing.assert_allclose(metrics["loss"][0], expected.mean(), rtol=1e-5)
+        new_stats = {p: v[0] if v.ndim == 2 and p.startswith(owned) else v
+                     for p, v in flatten(new_state.batch_stats).items()}
+        np.testing.assert_allclose(new_stats[f"{owned}/mean"], expected_stats[f"{owned}/mean"],
+                                   rtol=1e-5, atol=1e-6)
+    else:
+        stats = make_stats_step(TinyCNN(5))(state, batch, jax.random.key(0))
+        assert set(stats) == {f"{owned}/mean", f"{owned}/var"}
+        # The statistics step returns the batch's own: the momentum-0.9 update's target.
+        old = flatten(state.batch_stats)[f"{owned}/mean"][0]
+        np.testing.assert_allclose(0.9 * old + 0.1 * stats[f"{owned}/mean"][0],
+                                   expected_stats[f"{owned}/mean"], rtol=1e-4, atol=1e-6)
+        new_stats = {**flatten(state.batch_stats), **stats}
+    old = flatten(state.batch_stats)
+    base_layers = {"stem_bn", "dw_bn", "pw_bn"} - {owned}
+    for path in (f"{layer}/{s}" for layer in base_layers for s in ("mean", "var")):
+        np.testing.assert_array_equal(new_stats[path], old[path])

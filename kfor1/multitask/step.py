@@ -26,6 +26,7 @@ from kfor1.multitask.task_axis import (
     MASKED_LOGIT,
     Split,
     group_batches,
+    inference_norm_layers,
     place,
     resolution_groups,
     take,
@@ -68,11 +69,14 @@ def make_train_step(
     The loss is each task's cross-entropy, its targets smoothed by ``label_smoothing`` over the
     task's own classes (``smoothed_cross_entropy``), summed over tasks.
 
-    BatchNorm runs in training mode, updating statistics, when the patch owns BN statistics and
-    trains something below the head, or the shared backbone is trained (``train_shared=True``,
-    with ``patch_optimizer(..., shared_tx=...)``); otherwise the network runs in inference mode
-    with its statistics as they are: the base's, or each task's own from ``make_stats_step``
-    (the ``stats`` preset: nothing the statistics see is trained, so they stay exact).
+    The network runs in training mode when the patch owns BN statistics and trains something
+    below the head, or the shared backbone is trained (``train_shared=True``, with
+    ``patch_optimizer(..., shared_tx=...)``). Then each BatchNorm runs as its statistics' owner
+    implies: the patch's own on batch statistics (updating them), the base's in inference mode
+    on the base's statistics (``task_axis.inference_norm_layers``), so the network trained is
+    the network evaluated and shipped. Otherwise the network runs in inference mode with its
+    statistics as they are: the base's, or each task's own from ``make_stats_step`` (the
+    ``stats`` preset: nothing the statistics see is trained, so they stay exact).
 
     ``task_chunk`` tasks run at a time inside the step (``kfor1.microbatch.map_task_chunks``;
     same result as one ``vmap`` over all tasks). ``"auto"``: tasks making ~64 images per chunk
@@ -117,7 +121,8 @@ def make_train_step(
         bn_train = (bool(split.patch_stats) and below_head) or (train_shared and split.has_stats)
         class_mask = jnp.asarray(layout.class_mask())
         keys = jax.random.split(rng, k)
-        forward = task_forward(model, train_kwarg, split, bn_train, bn_train)
+        forward = task_forward(model, train_kwarg, split, bn_train, bn_train,
+                               inference_layers=inference_norm_layers(split, train_shared))
         frozen = {} if train_shared else split.shared
 
         def total_loss(patch, shared_trainable):
@@ -284,7 +289,8 @@ def make_stats_step(
         task_groups = resolution_groups(layout, groups)
         batches = group_batches(batch, task_groups)
         split = Split(state)
-        forward = task_forward(model, train_kwarg, split, True, True)
+        forward = task_forward(model, train_kwarg, split, True, True,
+                               inference_layers=inference_norm_layers(split, False))
         keys = jax.random.split(rng, k)
         out = {p: jnp.zeros_like(v) for p, v in split.patch_stats.items()}
         for idx, b in zip(task_groups, batches):

@@ -20,7 +20,7 @@ import numpy as np
 
 from kfor1.microbatch import MicroBatch, map_micro_batches
 from kfor1.multitask.state import Layout, MultiTaskState
-from kfor1.tree import flatten, unflatten
+from kfor1.tree import flatten, module_path, unflatten
 
 Batch = Mapping[str, jax.Array]
 # Padded classes get this logit: exp() underflows to exactly 0 in float32.
@@ -103,6 +103,41 @@ def place(full: jax.Array, part: jax.Array, idx: tuple[int, ...], k: int) -> jax
     return full.at[np.asarray(idx)].set(part)
 
 
+def inference_norm_layers(split: Split, train_shared: bool) -> frozenset[str]:
+    """The normalization layers that run in inference mode in a training-mode pass: those
+    whose statistics the base owns (``split.shared_stats``), unless the shared backbone is
+    trained (then every layer's statistics follow its batches).
+
+    Why: a patch that owns some layers' statistics (``input_stats``, a ``patch_rules`` subset)
+    and trains below the head runs its own layers on batch statistics; the other layers keep
+    the base's statistics, which evaluation, patch files, servers and exports use. Normalising
+    them by batch statistics in training would train one network and ship another (issue 36:
+    ``input_stats+depthwise+logits`` scored 10% on digits).
+    """
+    if train_shared:
+        return frozenset()
+    return frozenset(module_path(p) for p in split.shared_stats)
+
+
+def _running_average(layers: frozenset[str]):
+    """A Flax method interceptor: each normalization layer in ``layers`` (by module path)
+    runs on its running statistics, whatever mode its parent asked for."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if (context.method_name != "__call__" or not hasattr(module, "use_running_average")
+                or "/".join(module.path) not in layers):
+            return next_fun(*args, **kwargs)
+        if module.use_running_average is None:  # The mode is a call argument.
+            clone = module.clone(parent=None)
+            args, kwargs = args[:1], {**kwargs, "use_running_average": True}
+        else:
+            clone = module.clone(parent=None, use_running_average=True)
+        return clone.apply(dict(module.variables), *args, **kwargs)
+
+    return interceptor
+
+
 def task_forward(
     model: nn.Module,
     train_kwarg: str,
@@ -110,11 +145,20 @@ def task_forward(
     train: bool,
     update_stats: bool,
     micro_batch: MicroBatch = None,
+    inference_layers: frozenset[str] = frozenset(),
 ):
     """A single task's forward pass: f(patch_k, stats_k, shared, shared_stats, x, key).
 
     Inference (``train`` and ``update_stats`` False) runs over ``micro_batch``-image chunks.
+    ``inference_layers``: normalization layers (module paths) that run on their running
+    statistics in a training-mode pass (``inference_norm_layers``).
     """
+
+    def apply(variables, images, **kwargs):
+        if train and inference_layers:
+            with nn.intercept_methods(_running_average(inference_layers)):
+                return model.apply(variables, images, **kwargs)
+        return model.apply(variables, images, **kwargs)
 
     def forward(patch, patch_stats, shared, shared_stats, images, key):
         variables = {"params": unflatten({**shared, **patch})}
@@ -124,10 +168,10 @@ def task_forward(
         if train:
             kwargs["rngs"] = {"dropout": key}
         if update_stats:
-            logits, updates = model.apply(variables, images, mutable=["batch_stats"], **kwargs)
+            logits, updates = apply(variables, images, mutable=["batch_stats"], **kwargs)
             new_stats = flatten(updates["batch_stats"])
         elif train:
-            logits, new_stats = model.apply(variables, images, **kwargs), {}
+            logits, new_stats = apply(variables, images, **kwargs), {}
         else:
             logits = map_micro_batches(
                 lambda x: model.apply(variables, x, **kwargs), images, micro_batch
