@@ -108,17 +108,22 @@ def test_params_only_finds_batchnorm_by_its_leaves(small):
     assert patch_paths(partition(small["params"], "scale_bias")) == SMALL_BN
 
 
-def test_groups_named_by_first_preset_that_claims_a_leaf(small):
+def test_groups_named_by_the_most_specific_preset_whatever_the_order(small):
+    """Issue 36: ``bias+logits`` put the head's bias in ``bias`` (lr 1e-2) and ``logits+bias``
+    in ``logits`` (lr 1e-3). A spec is a set: a leaf two presets select goes to the most
+    specific (``PRESETS`` order: logits, scale_bias, depthwise, bias, full)."""
     labels = flatten(partition(small, "scale_bias+bias", groups=True))
     for p in SMALL_BN:
         assert labels[p] == "scale_bias"
     assert labels["pw/bias"] == labels["head/bias"] == "bias"
     assert labels["head/kernel"] == labels["dw/kernel"] == SHARED
+    assert flatten(partition(small, "bias+scale_bias", groups=True)) == labels
 
-    swapped = flatten(partition(small, "bias+scale_bias", groups=True))
-    for m in ("stem_bn", "dw_bn", "pw_bn"):
-        assert swapped[f"{m}/bias"] == "bias"
-        assert swapped[f"{m}/scale"] == "scale_bias"
+    for a, b in (("bias", "logits"), ("full", "logits"), ("depthwise", "full"),
+                 ("scale_bias", "full"), ("bias", "scale_bias+logits")):
+        one = flatten(partition(small, f"{a}+{b}", groups=True))
+        assert one == flatten(partition(small, f"{b}+{a}", groups=True)), (a, b)
+    assert flatten(partition(small, "bias+logits", groups=True))["head/bias"] == "logits"
 
     sb_logits = flatten(partition(small, "scale_bias+logits", groups=True))
     assert set(sb_logits.values()) == {"scale_bias", "logits", SHARED}

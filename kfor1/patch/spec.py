@@ -3,7 +3,8 @@
 Every parameter leaf gets a label: ``"shared"`` (one copy, frozen or jointly trained) or a patch
 label (one copy per task). Patch labels are ``"patch"``, or, with ``groups=True``, the name of
 the preset that claimed the leaf (``"scale_bias"``, ``"logits"``...), so each group can get its
-own optimiser and learning rate.
+own optimiser and learning rate. A leaf two presets select goes to the more specific one (in
+``PRESETS`` order: the head's bias is ``logits`` in ``bias+logits`` and in ``logits+bias``).
 
 BatchNorm *statistics* are labelled apart (``stats_labels``): a BN layer's moving mean and
 variance belong to the patch when its scale or bias does, or, with the ``stats`` preset, for every
@@ -274,9 +275,12 @@ def partition(
         input_batchnorm(params, stats)
     if spec.presets:
         selectors = _preset_selectors(spec.presets, flat, stats, spec.head)
+        # A spec is a set: a leaf two presets select (the head's bias, with bias+logits) goes
+        # to the most specific one, in PRESETS order, whatever order the spec names them in.
+        by_priority = sorted(spec.presets, key=PRESETS.index)
         for path in flat:
             label = SHARED
-            for preset in spec.presets:
+            for preset in by_priority:
                 if selectors[preset](path):
                     label = preset if groups else PATCH
                     break
