@@ -6,6 +6,7 @@ the dataset's code) and with a tiny dataset built here from a generator.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -203,7 +204,9 @@ def test_eval_batches_pad_the_last_batch_and_mask_it(folder):
     assert all(_label_of(im) == lab for im, lab in real)
 
 
-def test_eval_crop_matches_the_prediction_crop():
+def test_eval_crop_is_the_prediction_crop():
+    """One resize rule (issue 36): the evaluation pipeline's crop is ``center_crop_resize``'s,
+    pixel for pixel (TensorFlow's bicubic differed from Pillow's by rounding)."""
     from kfor1.data.transforms import eval_image
     from kfor1.images import center_crop_resize
 
@@ -211,8 +214,34 @@ def test_eval_crop_matches_the_prediction_crop():
     for resolution, crop_fraction in [(24, 0.875), (64, 0.875), (37, 1.0)]:
         ours = eval_image(tf.constant(image), resolution, crop_fraction).numpy()
         theirs = center_crop_resize(image, resolution, crop_fraction).astype(np.float32)
-        assert ours.shape == theirs.shape
-        assert np.abs(ours - theirs).mean() < 0.5  # TF vs Pillow bicubic: rounding-level.
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_one_image_is_one_array_in_evaluation_predict_and_serving(tmp_path):
+    """The same file gives the same preprocessed array (<= 1e-5) through the evaluation
+    pipeline, ``kfor1 predict``'s loader and the servers' (``PatchServer`` and the exported
+    SavedModel normalise the same uint8 crop with ``Preprocessing.normalize`` in JAX)."""
+    import jax.numpy as jnp
+
+    from kfor1.data import eval_batches
+    from kfor1.models import get_entry
+    from kfor1.serve.predict import load_batch
+    from kfor1.serve.requests import read_images
+
+    path = tmp_path / "photo.jpg"
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (61, 83, 3), dtype=np.uint8)).save(path, quality=90)
+    pre = dataclasses.replace(get_entry("efficientnet_lite0").preprocessing, resolution=40)
+    ds = tf.data.Dataset.from_tensor_slices({"path": [str(path)], "label": [0]})
+    evaluated = next(eval_batches(ds, resolution=40, mean=pre.mean, std=pre.std, batch_size=8,
+                                  crop_fraction=pre.crop_fraction))["images"][0]
+    pixels = load_batch([path], pre)
+    served, errors = read_images([str(path)], 40, pre.crop_fraction)
+    assert not errors
+    np.testing.assert_array_equal(served[0], pixels[0])
+    np.testing.assert_allclose(pre.normalize(pixels)[0], evaluated, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(pre.normalize(jnp.asarray(pixels)))[0], evaluated,
+                               atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- folder errors

@@ -246,3 +246,31 @@ def test_predict_serves_tagged_images_of_several_tasks(trained_run, tmp_path, ca
     same = ["--patch", str(workdir / "patches" / "colours")] * 2
     assert cli.main(["predict", *same, f"colours={red}"]) == 2
     assert "two patches are both task 'colours'" in capsys.readouterr().err
+
+
+def test_the_trainers_evaluation_and_the_served_patches_score_alike(trained_run):
+    """Issue 36: the trainer's evaluation resized with TensorFlow's bicubic and ``kfor1
+    predict`` / ``PatchServer`` with Pillow's, so the same patch scored 35.0% and 31.7% on
+    digits. Now each task's test images, decoded and cropped as a server does and answered by
+    the exported patch files, give exactly the accuracy ``evaluate`` reports."""
+    from kfor1.data.decode import decode_example
+    from kfor1.images import center_crop_resize
+    from kfor1.trainer.evaluate import evaluate
+    from kfor1.trainer.workdir import restore
+
+    workdir, _ = trained_run
+    s, state = restore(workdir)
+    results = evaluate(s, state)
+    server = PatchServer(s.base, [load_patch(workdir / "patches" / t.task.name)
+                                  for t in s.tasks])
+    for t in s.tasks:
+        limit = int(s.config.max_eval_examples)
+        examples = list(t.test.take(limit).map(decode_example).as_numpy_iterator())
+        images = np.stack([center_crop_resize(e["image"], t.task.resolution,
+                                              s.eval_crop_fraction) for e in examples])
+        out = server.predict(images, [t.task.name] * len(images))
+        predicted = np.asarray([np.argmax(probabilities) for _, probabilities in out])
+        labels = np.asarray([e["label"] for e in examples])
+        assert len(labels) == results[t.task.name]["examples"]
+        assert np.mean(predicted == labels) == pytest.approx(
+            results[t.task.name]["accuracy"], abs=1e-9), t.task.name
