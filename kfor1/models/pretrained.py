@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kfor1.microbatch import MicroBatch, map_micro_batches
 from kfor1.models import convert
@@ -117,7 +118,18 @@ class Pretrained:
         Returns:
           float32 logits ``(N, num_classes)``.
         """
+        self._check_size(images)
         return _logits(self.model, self.preprocessing, self.variables, images, micro_batch)
+
+    def _check_size(self, images: Any) -> None:
+        """Refuses images at another size: the network would run on them and answer wrongly
+        without a word (an espresso photo: 47% at the wrong size, 99% at the right one)."""
+        shape, size = np.shape(images), self.preprocessing.resolution
+        if len(shape) == 4 and shape[-1] == 3 and tuple(shape[1:3]) != (size, size):
+            raise ValueError(
+                f"images of shape {tuple(shape)}: {self.name} takes {size}x{size} pixels "
+                f"(preprocessing.resolution); resize each with kfor1.images.center_crop_resize("
+                f"image, {size}, {self.preprocessing.crop_fraction}), the evaluation crop")
 
     def predict(self, images: Any, micro_batch: MicroBatch = "auto") -> jax.Array:
         """Class probabilities of uint8 NHWC images: the softmax of ``logits``.
