@@ -88,6 +88,26 @@ def test_batches_pool_to_the_statistics_of_all_images():
         np.testing.assert_allclose(got[path], expected[path], rtol=2e-4, atol=1e-5)
 
 
+def test_a_padded_batch_counts_each_real_image_once():
+    """Issue 36: the last, padded batch repeated its real images unevenly (10 real images in
+    a batch of 48: some 5 times, some 4), which shifted the statistics. Now the padding is
+    masked out: 10 images alone give exactly their own statistics at every layer, and 58
+    (48 + 10) pool to the first layer's statistics of all 58."""
+    s = setup(_config())
+    state = s.init_state()
+    got = flatten(task_variables(reestimate_stats(s, state, images=10), 0)["batch_stats"])
+    expected = _batch_stats(s, task_variables(state, 0), _train_images(s, 10))
+    assert set(got) == set(expected)
+    for path in expected:
+        np.testing.assert_allclose(got[path], expected[path], rtol=2e-4, atol=1e-5,
+                                   err_msg=path)
+    got = flatten(task_variables(reestimate_stats(s, state, images=58), 0)["batch_stats"])
+    expected = _batch_stats(s, task_variables(state, 0), _train_images(s, 58))
+    for leaf in ("mean", "var"):
+        path = f"features_norm/{leaf}"
+        np.testing.assert_allclose(got[path], expected[path], rtol=2e-4, atol=1e-5)
+
+
 def test_training_keeps_the_estimated_statistics_and_the_backbone(tmp_path):
     s = setup(_config())
     estimated = flatten(task_variables(reestimate_stats(s, s.init_state()), 0)["batch_stats"])

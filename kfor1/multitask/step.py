@@ -275,7 +275,9 @@ def make_stats_step(
     Returns:
       ``stats_step(state, batch, rng) -> {path: (K, C)}``: each task's batch mean and variance
       at every BatchNorm layer whose statistics the patch owns (``batch_stats`` paths ending in
-      ``/mean`` and ``/var``). ``batch`` holds ``"images"`` (K, B, H, W, C).
+      ``/mean`` and ``/var``). ``batch`` holds ``"images"`` (K, B, H, W, C) and optionally
+      ``"mask"`` (K, B) bool: then only the real images count, each once, in every layer's
+      batch statistics (a last, padded batch; a fully masked task gives zeros).
 
     Example:
       >>> stats_step = kfor1.make_stats_step(model)
@@ -295,17 +297,18 @@ def make_stats_step(
         out = {p: jnp.zeros_like(v) for p, v in split.patch_stats.items()}
         for idx, b in zip(task_groups, batches):
 
-            def task_stats(p, ps, x, key):
+            def task_stats(p, ps, x, key, w):
                 _, zero = forward(p, jax.tree.map(jnp.zeros_like, ps), split.shared,
-                                  split.shared_stats, x, key)
+                                  split.shared_stats, x, key, w)
                 _, one = forward(p, jax.tree.map(jnp.ones_like, ps), split.shared,
-                                 split.shared_stats, x, key)
+                                 split.shared_stats, x, key, w)
                 # one - zero = m; zero = (1 - m) * batch.
                 return {q: zero[q] / (1.0 - (one[q] - zero[q])) for q in ps}
 
+            masks = b["mask"] if "mask" in b else jnp.ones(b["images"].shape[:2], bool)
             stats = jax.vmap(task_stats)(
                 take(split.patch, idx, k), take(split.patch_stats, idx, k), b["images"],
-                keys[np.asarray(idx)],
+                keys[np.asarray(idx)], masks,
             )
             out = {p: place(out[p], stats[p], idx, k) for p in out}
         return out

@@ -119,23 +119,60 @@ def inference_norm_layers(split: Split, train_shared: bool) -> frozenset[str]:
     return frozenset(module_path(p) for p in split.shared_stats)
 
 
-def _running_average(layers: frozenset[str]):
-    """A Flax method interceptor: each normalization layer in ``layers`` (by module path)
-    runs on its running statistics, whatever mode its parent asked for."""
+def _norm_modes(inference_layers: frozenset[str], weights: jax.Array | None):
+    """A Flax method interceptor over normalization layers (modules with a
+    ``use_running_average`` field): those in ``inference_layers`` (module paths) run on their
+    running statistics whatever mode their parent asked for; with ``weights`` (B,), the others
+    that run on batch statistics take them over the weighted images only
+    (``_weighted_batch_norm``)."""
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if (context.method_name != "__call__" or not hasattr(module, "use_running_average")
-                or "/".join(module.path) not in layers):
+        if context.method_name != "__call__" or not hasattr(module, "use_running_average"):
             return next_fun(*args, **kwargs)
-        if module.use_running_average is None:  # The mode is a call argument.
-            clone = module.clone(parent=None)
-            args, kwargs = args[:1], {**kwargs, "use_running_average": True}
-        else:
-            clone = module.clone(parent=None, use_running_average=True)
-        return clone.apply(dict(module.variables), *args, **kwargs)
+        if "/".join(module.path) in inference_layers:
+            if module.use_running_average is None:  # The mode is a call argument.
+                clone = module.clone(parent=None)
+                args, kwargs = args[:1], {**kwargs, "use_running_average": True}
+            else:
+                clone = module.clone(parent=None, use_running_average=True)
+            return clone.apply(dict(module.variables), *args, **kwargs)
+        if weights is not None and _on_batch_statistics(module, args, kwargs):
+            return _weighted_batch_norm(module, args[0], weights)
+        return next_fun(*args, **kwargs)
 
     return interceptor
+
+
+def _on_batch_statistics(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether a BatchNorm call normalises over its batch, over the last axis only."""
+    mode = module.use_running_average
+    if mode is None:
+        mode = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+    last_axis = getattr(module, "axis", -1) in (-1, args[0].ndim - 1)
+    return (mode is False and last_axis and getattr(module, "axis_name", None) is None
+            and not kwargs.get("mask") and not kwargs.get("fold"))
+
+
+def _weighted_batch_norm(module: nn.Module, x: jax.Array, weights: jax.Array) -> jax.Array:
+    """A training-mode BatchNorm whose statistics count each image by its weight (0 for the
+    padding of a last batch), stored as the layer's new statistics: what the layer computes
+    on a batch of the real images alone."""
+    xf = x.astype(jnp.float32)
+    w = weights.astype(jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+    axes = tuple(range(x.ndim - 1))
+    count = jnp.maximum(weights.astype(jnp.float32).sum() * np.prod(x.shape[1:-1]), 1.0)
+    mean = (xf * w).sum(axes) / count
+    var = jnp.maximum((xf * xf * w).sum(axes) / count - mean * mean, 0.0)
+    if not module.is_initializing():
+        module.put_variable("batch_stats", "mean", mean)
+        module.put_variable("batch_stats", "var", var)
+    y = (xf - mean) * jax.lax.rsqrt(var + module.epsilon)
+    if getattr(module, "use_scale", True):
+        y = y * module.get_variable("params", "scale")
+    if getattr(module, "use_bias", True):
+        y = y + module.get_variable("params", "bias")
+    return y.astype(module.dtype or x.dtype)
 
 
 def task_forward(
@@ -151,16 +188,17 @@ def task_forward(
 
     Inference (``train`` and ``update_stats`` False) runs over ``micro_batch``-image chunks.
     ``inference_layers``: normalization layers (module paths) that run on their running
-    statistics in a training-mode pass (``inference_norm_layers``).
+    statistics in a training-mode pass (``inference_norm_layers``). ``weights`` (B,), in a
+    training-mode pass: the other layers' batch statistics count each image by its weight.
     """
 
-    def apply(variables, images, **kwargs):
-        if train and inference_layers:
-            with nn.intercept_methods(_running_average(inference_layers)):
+    def apply(variables, images, weights, **kwargs):
+        if train and (inference_layers or weights is not None):
+            with nn.intercept_methods(_norm_modes(inference_layers, weights)):
                 return model.apply(variables, images, **kwargs)
         return model.apply(variables, images, **kwargs)
 
-    def forward(patch, patch_stats, shared, shared_stats, images, key):
+    def forward(patch, patch_stats, shared, shared_stats, images, key, weights=None):
         variables = {"params": unflatten({**shared, **patch})}
         if split.has_stats:
             variables["batch_stats"] = unflatten({**shared_stats, **patch_stats})
@@ -168,10 +206,11 @@ def task_forward(
         if train:
             kwargs["rngs"] = {"dropout": key}
         if update_stats:
-            logits, updates = apply(variables, images, mutable=["batch_stats"], **kwargs)
+            logits, updates = apply(variables, images, weights, mutable=["batch_stats"],
+                                    **kwargs)
             new_stats = flatten(updates["batch_stats"])
         elif train:
-            logits, new_stats = apply(variables, images, **kwargs), {}
+            logits, new_stats = apply(variables, images, weights, **kwargs), {}
         else:
             logits = map_micro_batches(
                 lambda x: model.apply(variables, x, **kwargs), images, micro_batch

@@ -36,16 +36,6 @@ def _mean_of(var_path: str) -> str:
     return var_path[: -len("var")] + "mean"
 
 
-def _fill(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A last, padded batch with its padding replaced by repeats of its real images, so the
-    batch statistics are those of real images only."""
-    real = np.flatnonzero(batch["mask"])
-    if real.size == batch["mask"].size:
-        return batch
-    rows = real[np.arange(batch["mask"].size) % max(real.size, 1)]
-    return {k: v[rows] for k, v in batch.items()}
-
-
 def reestimate_stats(
     s: Setup, state: MultiTaskState, *, images: int | None = None, seed: int = 0
 ) -> MultiTaskState:
@@ -89,12 +79,14 @@ def reestimate_stats(
         fresh = [next(it, None) for it in iterators]
         if all(x is None for x in fresh):
             break
-        # A task whose images are used up repeats its last batch with zero weight.
+        # A task whose images are used up repeats its last batch, masked out and weighted 0.
         weights = np.array([0.0 if x is None else float(np.sum(x["mask"])) for x in fresh])
-        previous = [p if x is None else _fill(x) for p, x in zip(previous, fresh)]
+        previous = [p if x is None else x for p, x in zip(previous, fresh)]
         if any(p is None for p in previous):
             raise ValueError("a task has no training images for its BatchNorm statistics")
-        batches = [{k: v for k, v in x.items() if k != "mask"} for x in previous]
+        # The padding of a last batch is masked: each real image counts once (make_stats_step).
+        batches = [{"images": x["images"], "mask": x["mask"] & (w > 0)}
+                   for x, w in zip(previous, weights)]
         out = jax.device_get(stats_step(state, group_batches(batches, groups, s.mesh),
                                         jax.random.fold_in(key, b)))
         for path, value in out.items():
