@@ -71,11 +71,16 @@ def test_sweep_on_digits_writes_json_markdown_and_a_plot_with_one_point_per_patc
         assert r["val_accuracy"] == max(mine) and 0 <= r["test_accuracy"] <= 1
     markdown = (workdir / "sweep.md").read_text()
     assert result["recommendation"] in markdown and "★" in markdown
+    assert result["splits"]["val_accuracy"].startswith("validation: 0.1 of train, stratified")
+    assert result["grid"] == ["x1", "x3"] and " ± " in markdown
+    assert all(r["val_examples"] > 0 for r in result["runs"])
     with Image.open(workdir / "sweep.png") as image:
         assert image.format == "PNG" and image.size[0] > 300
     figure = plot(result, str(tmp_path / "again.png"))
     validation, test = figure.axes[0].collections[:2]
     assert len(validation.get_offsets()) == len(test.get_offsets()) == 3
+    labels = [t.get_text() for t in figure.axes[0].texts]
+    assert sorted(labels) == sorted(2 * ["logits", "stats+logits", "scale_bias+logits"])
 
 
 def test_the_test_split_is_never_opened_before_the_final_evaluations(tmp_path, monkeypatch):
@@ -204,3 +209,60 @@ def test_launch_sweep_is_kfor1_sweep(tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
     assert "unknown patch preset 'nope'" in lines[0] and "Traceback" not in done.stderr
+
+
+def _chosen(patch, params, val, val_n, grid_point="x1", test=0.5):
+    return {"patch": patch, "trainable_parameters": params, "percent_of_model": params / 1e4,
+            "val_accuracy": val, "val_examples": val_n, "test_accuracy": test,
+            "test_examples": 400, "grid_point": grid_point, "learning_rates": {"logits": 1e-3},
+            "patch_file_bytes": 4 * params, "train_seconds": 1.0, "images_per_s": 10.0,
+            "val_loss": 1.0, "run": f"{patch}@{grid_point}"}
+
+
+def test_the_sweep_says_when_its_answer_is_weak(tmp_path):
+    """Issue 36: a sweep chose rates at the edge of its grid for 7 of 8 patches without a word,
+    and recommended a patch 2 points ahead with a standard error of ~1.9 points each. Now
+    sweep.md gives each accuracy's standard error, says which patches the recommendation cannot
+    be told apart from, and flags a choice at either end of the grid."""
+    from kfor1.trainer.sweep_report import (
+        grid_edge,
+        inseparable,
+        recommendation,
+        standard_error,
+        write_markdown,
+    )
+
+    assert standard_error(0.5, 400) == pytest.approx(0.025)
+    assert standard_error(0.5, None) is None
+    chosen = [_chosen("logits", 100, 0.60, 400, "x0.33"),
+              _chosen("scale_bias+logits", 500, 0.62, 400, "x3"),
+              _chosen("full", 9000, 0.40, 400, "x1")]
+    best = chosen[1]
+    assert inseparable(best, chosen) == ["logits"]  # 2 points, se of the difference 3.4.
+    sentence = recommendation(chosen, ["logits", "scale_bias+logits"])
+    assert sentence.endswith("; not separable on validation from `logits` (within two "
+                             "standard errors)"), sentence
+    assert "not separable" not in recommendation(
+        [_chosen("logits", 100, 0.60, 4000), _chosen("bias+logits", 200, 0.70, 4000)],
+        ["logits", "bias+logits"])
+    grid = ["x0.33", "x1", "x3"]
+    assert [grid_edge(r, grid) for r in chosen] == ["lowest", "highest", None]
+    result = {"task": "t", "pareto": ["logits", "scale_bias+logits"], "chosen": chosen,
+              "runs": chosen, "recommendation": sentence, "grid": grid}
+    text = write_markdown(result, str(tmp_path / "sweep.md"))
+    assert "62.00% ± 2.4" in text and "50.00% ± 2.5" in text
+    assert "⚠ `logits` chose the lowest point of the grid (x0.33)" in text
+    assert "⚠ `scale_bias+logits` chose the highest point of the grid (x3)" in text
+    assert "`full` chose" not in text
+
+
+def test_the_validation_source_is_named_as_it_was_read():
+    """Issue 36: sweep.json said "split of train, stratified and seeded" when
+    ``validation=split`` read the folder's own ``val/``; summary.json and sweep.json now share
+    one description."""
+    from kfor1.data import parse_validation
+    from kfor1.trainer.metrics import validation_source
+
+    assert validation_source(parse_validation("split")) == \
+        "validation: the source's own validation split"
+    assert validation_source(parse_validation("0.2")).startswith("validation: 0.2 of train")

@@ -109,6 +109,9 @@ def _run_sweep(argv: Sequence[str]) -> int:
     result = sweep(config, v["workdir"], DEFAULT_PATCHES if v["patches"] is None
                    else v["patches"], "auto" if v["lrs"] is None else v["lrs"])
     print(f"recommendation: {result['recommendation']}")
+    for patch, edge in result.get("at_grid_edge", {}).items():
+        print(f"note: {patch} chose the {edge} learning rate of the grid; the best may lie "
+              "beyond it (sweep.md)", file=sys.stderr)
     print(f"see {v['workdir']}/sweep.md and sweep.png")
     return 0
 

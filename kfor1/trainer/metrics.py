@@ -126,6 +126,14 @@ def eval_scalars(
     return {f"{prefix}/accuracy/{name}": r["accuracy"] for name, r in results.items()}
 
 
+def validation_source(validation: float | str) -> str:
+    """Where validation accuracy comes from, for ``summary.json`` and ``sweep.json``:
+    ``validation`` is ``kfor1.data.parse_validation(config.validation)``."""
+    if isinstance(validation, str):
+        return "validation: the source's own validation split"
+    return f"validation: {validation:g} of train, stratified and seeded, held out of training"
+
+
 def summary(
     *, model: str, spec: Any, task_report: PatchReport,
     results: Mapping[str, Mapping[str, float]] | None, num_classes: Mapping[str, int],
@@ -156,10 +164,8 @@ def summary(
         for name, t in tasks.items():
             t["val_accuracy"] = validation[name]["accuracy"]
             t["val_loss"] = validation[name]["loss"]
-        splits["val_accuracy"] = (
-            "validation: the source's own validation split" if isinstance(validation_fraction, str)
-            else f"validation: {validation_fraction:g} of train, stratified and seeded, held out "
-            "of training")
+            t["val_examples"] = validation[name]["examples"]
+        splits["val_accuracy"] = validation_source(validation_fraction)
     return {
         "model": model,
         "splits": splits,

@@ -42,7 +42,14 @@ from kfor1.files.atomic import atomic_write
 from kfor1.patch.spec import STATS_ONLY, PatchSpec, PatchSpecError
 from kfor1.trainer.experiment import check_values
 from kfor1.trainer.loop import train
-from kfor1.trainer.sweep_report import pareto_front, plot, recommendation, write_markdown
+from kfor1.trainer.metrics import validation_source
+from kfor1.trainer.sweep_report import (
+    grid_edge,
+    pareto_front,
+    plot,
+    recommendation,
+    write_markdown,
+)
 from kfor1.trainer.workdir import SUMMARY_FILE, Workdir, evaluate_workdir, locked
 
 AUTO_GRID = ("x0.33", "x1", "x3")
@@ -183,6 +190,7 @@ def _row(patch: str, point: GridPoint, rates: dict[str, float], wd: Workdir,
         "patch_statistics": t.get("patch_statistics", 0),
         "patch_file_bytes": t["patch_file_bytes"],
         "val_accuracy": t["val_accuracy"], "val_loss": t["val_loss"],
+        "val_examples": t.get("val_examples"),
         "train_seconds": seconds, "images_per_s": _images_per_s(wd),
     }
 
@@ -274,11 +282,15 @@ def _sweep(config, wd: Workdir, patches, grid, stop_at) -> dict[str, Any]:
         chosen.append({**best, "test_accuracy": test["accuracy"], "test_loss": test["loss"],
                        "test_examples": test["examples"]})
     front = pareto_front(chosen)
+    order = sorted(grid, key=lambda p: p.factor if p.factor is not None else p.value)
     result = {
         "status": "done",
         "task": rows[0]["task"],
-        "splits": {"val_accuracy": f"validation: {config.validation} of train, stratified "
-                   "and seeded; chooses each patch's learning rates",
+        "grid": [p.text for p in order],
+        "at_grid_edge": {r["patch"]: edge for r in chosen
+                         if (edge := grid_edge(r, [p.text for p in order]))},
+        "splits": {"val_accuracy": validation_source(parse_validation(config.validation))
+                   + "; chooses each patch's learning rates",
                    "test_accuracy": "test: the chosen run of each patch, evaluated once at the "
                    "end"},
         "runs": rows, "chosen": chosen, "pareto": front,
