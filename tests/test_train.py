@@ -152,3 +152,58 @@ def test_a_config_with_patch_rules_trains_and_exports_them(tmp_path):
                     jax.tree_util.tree_flatten_with_path(patch.variables["params"])[0])
     assert leaves and all("depthwise" in p or "head" in p for p in leaves)
     assert summary["patch"] == patch.meta["spec"] and summary["tasks"]["colours"]["examples"] == 6
+
+
+def test_keep_best_exports_each_tasks_patch_from_its_best_validation(colours, tmp_path,
+                                                                      monkeypatch):
+    """Issue 36: ``config.keep_best`` exports each task's patch from the evaluation with its
+    best validation accuracy (per task: digits peaks at step 4, colours at step 2 here, by the
+    scripted accuracies), and summary.json says which step each patch came from."""
+    import kfor1.trainer.loop as loop
+
+    scripted = [{"digits": 0.5, "colours": 0.9}, {"digits": 0.7, "colours": 0.8},
+                {"digits": 0.6, "colours": 0.7}]
+    real = loop.evaluate
+
+    def evaluate(s, state, eval_step=None, split="test"):
+        results = real(s, state, eval_step, split)
+        if split == "validation" and scripted:
+            for name, accuracy in scripted.pop(0).items():
+                results[name] = {**results[name], "accuracy": accuracy}
+        return results
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    workdir = tmp_path / "run"
+    summary = train(run_config(colours, validation="0.3", eval_every=2, keep_best=True),
+                    str(workdir))
+    assert not scripted  # Steps 2, 4 and the end were evaluated on validation.
+    assert {n: t["patch_step"] for n, t in summary["tasks"].items()} == {
+        "digits": 4, "colours": 2}
+    best = json.loads((workdir / "best" / "best.json").read_text())
+    assert best == {"digits": {"step": 4, "val_accuracy": 0.7},
+                    "colours": {"step": 2, "val_accuracy": 0.9}}
+    for name in ("digits", "colours"):
+        exported = load_patch(workdir / "patches" / name).variables
+        kept = load_patch(workdir / "best" / name).variables
+        jax.tree.map(np.testing.assert_array_equal, exported, kept)
+        # What summary.json reports is the exported patch's, measured again: not scripted.
+        assert summary["tasks"][name]["val_accuracy"] not in (0.7, 0.9)
+    final = train(run_config(colours, validation="0.3", eval_every=2), str(tmp_path / "last"))
+    last = load_patch(tmp_path / "last" / "patches" / "digits").variables
+    with pytest.raises(AssertionError):  # Without keep_best: the last step's patch.
+        jax.tree.map(np.testing.assert_array_equal, last,
+                     load_patch(workdir / "patches" / "digits").variables)
+    assert "patch_step" not in final["tasks"]["digits"]
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"validation": ""}, "set config.validation"),
+    ({"validation": "0.3", "eval_every": 0}, "config.eval_every"),
+    ({"validation": "0.3", "eval_every": 2, "train_shared": True}, "config.train_shared"),
+])
+def test_keep_best_without_what_it_chooses_from_is_refused(colours, overrides, fragment):
+    from kfor1.trainer.config import ConfigError
+    from kfor1.trainer.experiment import check_values
+
+    with pytest.raises(ConfigError, match=fragment):
+        check_values(run_config(colours, keep_best=True, **overrides))

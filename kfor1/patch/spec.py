@@ -275,9 +275,7 @@ def partition(
         input_batchnorm(params, stats)
     if spec.presets:
         selectors = _preset_selectors(spec.presets, flat, stats, spec.head)
-        # A spec is a set: a leaf two presets select (the head's bias, with bias+logits) goes
-        # to the most specific one, in PRESETS order, whatever order the spec names them in.
-        by_priority = sorted(spec.presets, key=PRESETS.index)
+        by_priority = sorted(spec.presets, key=PRESETS.index)  # A spec is a set (see above).
         for path in flat:
             label = SHARED
             for preset in by_priority:

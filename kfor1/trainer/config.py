@@ -104,6 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0  # Initialisation, batches, augmentation and dropout.
     c.log_every = 25  # Steps between lines of metrics.jsonl (and TensorBoard).
     c.eval_every = 0  # 0: only at the end.
+    # Export each task's patch from its evaluation with the best validation accuracy (needs
+    # config.validation and config.eval_every); summary.json says which step each came from.
+    c.keep_best = False
     c.checkpoint_every = 200  # Steps between checkpoints (a run resumes from the latest).
     c.keep_checkpoints = 3  # How many of the latest checkpoints are kept.
     c.eval_batch_size = 100  # Images per task and evaluation batch.

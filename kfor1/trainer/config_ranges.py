@@ -101,6 +101,7 @@ ALLOWED: dict[str, Allowed] = {
     "seed": number(0, integer=True),
     "log_every": COUNT,
     "eval_every": STEPS_OR_ZERO,
+    "keep_best": one_of("True", "False"),
     "checkpoint_every": COUNT,
     "keep_checkpoints": COUNT,
     "eval_batch_size": COUNT,

@@ -151,6 +151,15 @@ def check_values(config: ml_collections.ConfigDict) -> tuple[TaskChunk, PatchSpe
     if not kdata.parse_validation(config.validation) and not config.evaluate_test:
         raise ConfigError("config.evaluate_test=False needs a validation split to evaluate on; "
                           "set config.validation (e.g. 0.1)")
+    if config.get("keep_best") and not (kdata.parse_validation(config.validation)
+                                        and config.eval_every):
+        raise ConfigError("config.keep_best chooses each task's patch on validation: set "
+                          "config.validation (e.g. 0.1, or 'split') and config.eval_every (the "
+                          "steps between the evaluations it chooses from)")
+    if config.get("keep_best") and config.train_shared:
+        raise ConfigError("config.keep_best keeps each task's patch from its own best step, "
+                          "but with config.train_shared the tasks share one trained backbone; "
+                          "set one of them to False")
     patch = list(config.patch_rules) if config.patch_rules else config.patch
     return task_chunk(config.task_chunk), PatchSpec.parse(patch, head=config.head or None)
 

@@ -33,6 +33,7 @@ from kfor1.multitask.task_axis import resolution_groups
 from kfor1.patch.report import report
 from kfor1.trainer import distributed
 from kfor1.trainer.adabn import reestimate_stats
+from kfor1.trainer.best import BestPatches
 from kfor1.trainer.checkpoint import Checkpointer
 from kfor1.trainer.evaluate import evaluate, group_batches
 from kfor1.trainer.experiment import Setup, setup
@@ -111,6 +112,7 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
     progress = _progress(config, start, end)
     images, clock = 0, time.perf_counter()
     guard = Guard(s, ckpt)
+    best = BestPatches(s, wd) if config.keep_best else None
     periodic = "validation" if s.tasks[0].val is not None else "test"
     try:
         with stop_signals() as stop:
@@ -139,8 +141,10 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
                 progress.update(1)
                 if config.eval_every and step % config.eval_every == 0 and step != end:
                     # The test split is for the final evaluation when there is a validation one.
-                    metrics_log.write(step, eval_scalars(
-                        evaluate(s, state, eval_step, split=periodic), periodic))
+                    periodic_results = evaluate(s, state, eval_step, split=periodic)
+                    metrics_log.write(step, eval_scalars(periodic_results, periodic))
+                    if best is not None:
+                        best.update(step, state, periodic_results)
                 if step % config.checkpoint_every == 0 or step == end or stop["signal"]:
                     guard.check()  # Only a healthy state is ever checkpointed.
                     ckpt.save(state, force=bool(stop["signal"]))
@@ -163,8 +167,14 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
         metrics_log.close()
         return {"stopped_at_step": end}
 
-    results = evaluate(s, state, eval_step) if config.evaluate_test else None
     validation = evaluate(s, state, eval_step, split="validation") if periodic != "test" else None
+    patch_steps = None
+    if best is not None:  # The exported patches, and what is reported of them, are the best.
+        best.update(end, state, validation)
+        state, patch_steps = best.swap_in(state, end)
+        if any(step != end for step in patch_steps.values()):
+            validation = evaluate(s, state, eval_step, split="validation")
+    results = evaluate(s, state, eval_step) if config.evaluate_test else None
     metrics_log.write(end, {**(eval_scalars(results) if results else {}),
                             **(eval_scalars(validation, "validation") if validation else {})})
     metrics_log.close()
@@ -178,6 +188,8 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
         skipped_images={t.task.name: t.info.skipped for t in s.tasks},
         validation=validation, validation_fraction=kdata.parse_validation(config.validation),
     )
+    for name, step in (patch_steps or {}).items():
+        out["tasks"][name]["patch_step"] = step
     with open(wd.summary, "w", encoding="utf-8") as f:
         json.dump(out, f, indent=2)
     return out

@@ -286,18 +286,23 @@ def export_patches(s: Setup, state: MultiTaskState, workdir: str | Workdir) -> d
                                             "source": os.path.basename(s.base.source)},
                            "step": int(state.step)},
         )
-    out = {}
-    for i, t in enumerate(s.tasks):
-        meta = task_meta(
-            class_names=t.info.class_names, preprocessing=s.base.preprocessing,
-            resolution=t.task.resolution, crop_fraction=s.eval_crop_fraction, spec=s.spec,
-            model=s.config.model, weights=s.config.weights, source=s.base.source,
-            dataset=t.info.name,
-            trained_base=(os.path.relpath(workdir.base, workdir.patch(t.task.name))
-                          if s.config.train_shared else None),
-        )
-        out[t.task.name] = export_patch(state, i, workdir.patch(t.task.name), meta)
-    return out
+    return {t.task.name: export_task(s, state, i, workdir.patch(t.task.name), workdir)
+            for i, t in enumerate(s.tasks)}
+
+
+def export_task(s: Setup, state: MultiTaskState, i: int, directory: str,
+                workdir: Workdir) -> str:
+    """Task ``i``'s patch files in ``directory`` (its metadata from the run's setup)."""
+    t = s.tasks[i]
+    meta = task_meta(
+        class_names=t.info.class_names, preprocessing=s.base.preprocessing,
+        resolution=t.task.resolution, crop_fraction=s.eval_crop_fraction, spec=s.spec,
+        model=s.config.model, weights=s.config.weights, source=s.base.source,
+        dataset=t.info.name,
+        trained_base=(os.path.relpath(workdir.base, directory)
+                      if s.config.train_shared else None),
+    )
+    return export_patch(state, i, directory, meta)
 
 
 def evaluate_workdir(workdir: str, step: int | None = None, model: str | None = None) -> Results:
