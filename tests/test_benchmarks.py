@@ -353,3 +353,17 @@ def test_hostile_files_tiny(trained_run, tmp_path, capsys):
     assert counts == {"cases": 3, "clean error": 2, "safe result": 1, "silent result": 0,
                       "code run": 0, "crash": 0}
     assert "cases: 3  clean error: 2" in capsys.readouterr().out
+
+
+def test_presets_tiny(tmp_path, capsys):
+    """``python -m benchmarks.results.presets`` on two patches at 2 steps (issue 36): the
+    accuracy the trainer's evaluation reports is the exported patch's through ``PatchServer``."""
+    presets = importlib.import_module("benchmarks.results.presets")
+    out = tmp_path / "presets.json"
+    presets.main(["--patches", "logits,input_stats+depthwise+logits", "--steps", "2",
+                  "--resolution", "32", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["patch"] for r in rows] == ["logits", "input_stats+depthwise+logits"]
+    for r in rows:
+        assert r["evaluate"] == r["served"] and 0 <= r["evaluate"] <= 1
+    assert "evaluate == served for every patch: True" in capsys.readouterr().out
