@@ -39,7 +39,7 @@ import kfor1
 from benchmarks.common import write_json
 from kfor1.cpu import keep_freed_memory
 from kfor1.files.patchfile import apply_patch, make_patch
-from kfor1.models import Pretrained
+from kfor1.models import Preprocessing, Pretrained
 from kfor1.serve import PatchServer
 
 MODEL = "efficientnet_lite0"
@@ -105,8 +105,10 @@ def task_patches(base: Pretrained, spec: str, k: int, resolution: int) -> list[A
 
 
 def task_model(base: Pretrained, patch: Any) -> Pretrained:
+    # At the patch's resolution, as load_patched gives it (Pretrained refuses other sizes).
     return Pretrained(patch.meta["task"], base.model.clone(num_classes=CLASSES),
-                      apply_patch(base.variables, patch), base.preprocessing,
+                      apply_patch(base.variables, patch),
+                      Preprocessing.from_dict(patch.meta["preprocessing"]),
                       patch.class_names, "benchmark")
 
 

@@ -167,14 +167,12 @@ def _train(s: Setup, wd: Workdir, stop_at_step: int | None) -> dict[str, Any]:
         metrics_log.close()
         return {"stopped_at_step": end}
 
-    validation = evaluate(s, state, eval_step, split="validation") if periodic != "test" else None
     patch_steps = None
     if best is not None:  # The exported patches, and what is reported of them, are the best.
-        best.update(end, state, validation)
+        best.update(end, state, evaluate(s, state, eval_step, split="validation"))
         state, patch_steps = best.swap_in(state, end)
-        if any(step != end for step in patch_steps.values()):
-            validation = evaluate(s, state, eval_step, split="validation")
     results = evaluate(s, state, eval_step) if config.evaluate_test else None
+    validation = evaluate(s, state, eval_step, split="validation") if periodic != "test" else None
     metrics_log.write(end, {**(eval_scalars(results) if results else {}),
                             **(eval_scalars(validation, "validation") if validation else {})})
     metrics_log.close()
