@@ -103,7 +103,8 @@ class Checkpointer:
         self._unsealed: set[int] = set()  # Steps this checkpointer saved, not yet sealed.
         self._abandoned: list[ocp.CheckpointManager] = []  # Managers of a deleted directory.
         self._manager = self._open()
-        self._noise = OrbaxNoise(self.directory, lambda: bool(self._abandoned) or self._deleted())
+        self._failed = False  # A save was lost to a deleted directory (its noise may follow).
+        self._noise = OrbaxNoise(self.directory, lambda: self._failed or self._deleted())
         self._noise.install()
 
     def _deleted(self) -> bool:
@@ -138,6 +139,7 @@ class Checkpointer:
         self._unsealed.clear()
         # Not closed: its failed save's TensorStore callbacks would land on a closed event loop.
         self._abandoned.append(self._manager)
+        self._failed = True
         self._noise.failed()
         self._manager = self._open()
         what = (f"the checkpoint of step {', '.join(map(str, lost))} is lost" if lost
@@ -308,7 +310,9 @@ class Checkpointer:
             if self._abandoned:  # Their failed writes are reported as they are freed: now.
                 self._abandoned.clear()
                 gc.collect()
-            self._noise.remove()
+            # After a lost save, TensorStore's last callbacks can land after close: the
+            # closed-event-loop filter stays for the process (it drops nothing else).
+            self._noise.remove(keep_unraisable=self._failed)
 
 
 def _file_hashes(step_dir: str) -> dict[str, tuple[int, str]]:

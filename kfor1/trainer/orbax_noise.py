@@ -58,8 +58,10 @@ class OrbaxNoise(logging.Filter):
         warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
                                 category=RuntimeWarning)
 
-    def remove(self) -> None:
+    def remove(self, keep_unraisable: bool = False) -> None:
+        """Uninstalls the filters; ``keep_unraisable`` leaves the closed-event-loop filter in
+        place (a failed save's callbacks can still arrive after its checkpointer closed)."""
         logging.getLogger("absl").removeFilter(self)
         logging.getLogger("asyncio").removeFilter(self)
-        if sys.unraisablehook == self._unraisable:
+        if sys.unraisablehook == self._unraisable and not keep_unraisable:
             sys.unraisablehook = self._previous_hook
