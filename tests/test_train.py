@@ -207,3 +207,21 @@ def test_keep_best_without_what_it_chooses_from_is_refused(colours, overrides, f
 
     with pytest.raises(ConfigError, match=fragment):
         check_values(run_config(colours, keep_best=True, **overrides))
+
+
+@pytest.mark.parametrize("text", ['[1, 2]', '{"digits": {"step": "x"}}', '{"digits": 3}',
+                                  '{"digits": {"val_accuracy": 0.5}}', "[" * 100 + "]" * 100])
+def test_a_hostile_best_record_is_one_line(colours, tmp_path, text):
+    """``best/best.json`` is read as untrusted input: wrong types, missing fields and deep
+    nesting are one error naming the file, before any training."""
+    from kfor1.trainer.best import BestPatches
+    from kfor1.trainer.experiment import setup
+    from kfor1.trainer.workdir import Workdir
+    from kfor1.untrusted import UntrustedFileError
+
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "best.json").write_text(text)
+    s = setup(run_config(colours, validation="0.3", eval_every=2, keep_best=True), train=False)
+    with pytest.raises(UntrustedFileError, match="best.json") as excinfo:
+        BestPatches(s, Workdir(str(tmp_path)))
+    assert "\n" not in str(excinfo.value)

@@ -23,7 +23,7 @@ from kfor1.multitask.state import MultiTaskState
 from kfor1.trainer.evaluate import Results
 from kfor1.trainer.experiment import Setup
 from kfor1.trainer.workdir import Workdir, export_task
-from kfor1.untrusted import read_json
+from kfor1.untrusted import UntrustedFileError, read_json
 
 BEST_DIR = "best"
 BEST_FILE = "best.json"
@@ -41,8 +41,15 @@ class BestPatches:
             found = read_json(self.file, f"the best-patch record {self.file}",
                               inside=self.directory)
             names = {t.task.name for t in s.tasks}
-            self.best = {n: {"step": int(b["step"]), "val_accuracy": float(b["val_accuracy"])}
-                         for n, b in found.items() if n in names}
+            try:
+                self.best = {n: {"step": int(b["step"]),
+                                 "val_accuracy": float(b["val_accuracy"])}
+                             for n, b in found.items() if n in names}
+            except (AttributeError, KeyError, TypeError, ValueError):
+                raise UntrustedFileError(
+                    f"{self.file} is not a best-patch record ({{task: {{step, val_accuracy}}}});"
+                    f" delete {self.directory} to choose again from this run's later "
+                    "evaluations") from None
 
     def update(self, step: int, state: MultiTaskState, validation: Results) -> None:
         """Records (and writes the patch of) each task whose validation accuracy at ``step``
